@@ -1,0 +1,172 @@
+"""Encoder self-attention with the official 3D decomposed relative-position bias.
+
+The official ``add_decomposed_rel_pos`` broadcasts 5-D per-query projections into a 7-D logit
+view in a way that lands every key index on the last (k_w) axis. For query (qd, qh, qw) and key
+(kd, kh, kw), with unscaled per-head queries ``q(.)`` and ``R[a, b] = table[a - b + K - 1]``::
+
+    bias = q(qd, qh, qw) . Rd[qd, kw] + q(qd, qh, kd) . Rh[qh, kw] + q(qd, qh, kh) . Rw[kh, kw]
+
+The released weights were trained with exactly this bias, so it is reproduced here.
+
+Backends (chosen once, stored on the layer; see :data:`ATTENTION_BACKENDS`):
+
+- ``"math"``: explicit fp32 logits + softmax, the reference every fast path is compared with.
+- ``"sdpa"``: the bias as an additive mask into ``scaled_dot_product_attention``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("math", "sdpa")
+
+
+def relative_position_table(size: int, table: torch.Tensor) -> torch.Tensor:
+    """Expand a (2*size-1, C) table to R[a, b] = table[a - b + size - 1], shape (size, size, C)."""
+    if table.shape[0] != 2 * size - 1:
+        raise ValueError(
+            f"relative-position table has {table.shape[0]} rows, expected {2 * size - 1} "
+            f"for an attention extent of {size}"
+        )
+    idx = torch.arange(size, device=table.device)
+    return table[idx[:, None] - idx[None, :] + size - 1]
+
+
+def rel_pos_terms(
+    q: torch.Tensor,
+    rel_pos_d: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three terms of the official bias for unscaled queries ``q`` (B*, size**3, C).
+
+    Returns:
+        Tensors broadcastable to the 7-D logit view (B*, qd, qh, qw, kd, kh, kw).
+    """
+    batch, _, dim = q.shape
+    r_q = q.reshape(batch, size, size, size, dim)
+    rd, rh, rw = (
+        relative_position_table(size, t).to(q.dtype) for t in (rel_pos_d, rel_pos_h, rel_pos_w)
+    )
+    # rel_x[b, d, h, w, k] = q(d, h, w) . Rx[axis index, k]
+    rel_d = torch.einsum("bdhwc,dkc->bdhwk", r_q, rd)
+    rel_h = torch.einsum("bdhwc,hkc->bdhwk", r_q, rh)
+    rel_w = torch.einsum("bdhwc,wkc->bdhwk", r_q, rw)
+    return (
+        rel_d[:, :, :, :, None, None, :],  # q(qd,qh,qw) . Rd[qd, kw]
+        rel_h[:, :, :, None, :, None, :],  # q(qd,qh,kd) . Rh[qh, kw]
+        rel_w[:, :, :, None, None, :, :],  # q(qd,qh,kh) . Rw[kh, kw]
+    )
+
+
+def add_decomposed_rel_pos(
+    logits: torch.Tensor, q: torch.Tensor, tables: tuple[torch.Tensor, ...], size: int
+) -> torch.Tensor:
+    """Add the official bias to logits (B*, N, N), term by term in the official order."""
+    batch, n, _ = logits.shape
+    out = logits.view(batch, *(size,) * 6)
+    for term in rel_pos_terms(q, *tables, size):
+        out = out + term
+    return out.reshape(batch, n, n)
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor,
+    rel_pos_d: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """The official rel-pos bias alone, (B*, size**3, size**3), in the dtype of ``q``."""
+    rel_d, rel_h, rel_w = rel_pos_terms(q, rel_pos_d, rel_pos_h, rel_pos_w, size)
+    return (rel_d + rel_h + rel_w).reshape(q.shape[0], q.shape[1], q.shape[1])
+
+
+class RelPosAttention3D(nn.Module):
+    """Multi-head self-attention over a cube of ``size**3`` tokens with the official bias.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads (head_dim = dim // num_heads).
+        size: side of the attended cube (the token grid, or the window size).
+        qkv_bias: whether the qkv projection has a bias.
+        use_rel_pos: add the decomposed relative-position bias.
+        backend: one of :data:`ATTENTION_BACKENDS`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        size: int,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = True,
+        backend: str = "math",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.size = size
+        self.use_rel_pos = use_rel_pos
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if use_rel_pos:
+            self.rel_pos_d = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {name!r}; choose from {ATTENTION_BACKENDS}"
+            )
+        self._backend = name
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D, H, W, C) -> q, k, v each (B, heads, N, head_dim); layout [3][heads][head_dim]."""
+        batch = x.shape[0]
+        qkv = self.qkv(x).reshape(batch, -1, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    @property
+    def rel_pos_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rel_pos_d, self.rel_pos_h, self.rel_pos_w
+
+    def bias(self, q: torch.Tensor) -> torch.Tensor:
+        """Rel-pos bias for q of shape (B, heads, N, head_dim) -> (B, heads, N, N)."""
+        batch, heads, n, hd = q.shape
+        bias = decomposed_rel_pos_bias(
+            q.reshape(batch * heads, n, hd), *self.rel_pos_tables, self.size
+        )
+        return bias.reshape(batch, heads, n, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, d, h, w, c = x.shape
+        q, k, v = self.split_heads(x)
+        if self._backend == "math":
+            out = self._math(q.float(), k.float(), v.float()).to(x.dtype)
+        else:
+            bias = self.bias(q) if self.use_rel_pos else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, d, h, w, c)
+        return self.proj(out)
+
+    def _math(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Reference path, in the official order of operations (fp32)."""
+        batch, heads, n, hd = q.shape
+        q, k, v = (t.reshape(batch * heads, n, hd) for t in (q, k, v))
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if self.use_rel_pos:
+            tables = tuple(t.float() for t in self.rel_pos_tables)
+            logits = add_decomposed_rel_pos(logits, q, tables, self.size)
+        return (logits.softmax(dim=-1) @ v).reshape(batch, heads, n, hd)

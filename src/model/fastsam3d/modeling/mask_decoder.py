@@ -1,0 +1,103 @@
+"""3D mask decoder: image embedding + prompt embeddings -> 32^3 mask logits and IoU scores."""
+
+import torch
+from torch import nn
+
+from .common import MLP, LayerNorm3d
+
+
+class MaskDecoder3D(nn.Module):
+    """SAM-style decoder with hypernetwork mask heads (keys match ``mask_decoder.*``).
+
+    Args:
+        transformer_dim: token / image channel width.
+        transformer: the two-way transformer module.
+        num_multimask_outputs: masks predicted besides the single-mask output.
+        iou_head_depth: layers of the IoU head.
+        iou_head_hidden_dim: hidden width of the IoU head.
+    """
+
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: nn.Module,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose3d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm3d(transformer_dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose3d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict masks.
+
+        Args:
+            image_embeddings: (B or 1, C, 8, 8, 8).
+            image_pe: (1, C, 8, 8, 8) from ``prompt_encoder.get_dense_pe()``.
+            sparse_prompt_embeddings: (B, N, C).
+            dense_prompt_embeddings: (B, C, 8, 8, 8).
+            multimask_output: return masks 1..3 instead of mask 0.
+
+        Returns:
+            Low-res logits (B, 1 or 3, 32, 32, 32) and IoU predictions (B, 1 or 3).
+        """
+        masks, iou = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, chosen], iou[:, chosen]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``num_mask_tokens`` masks and IoU scores."""
+        batch = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+        src = image_embeddings
+        if src.shape[0] != batch:
+            src = src.repeat_interleave(batch, dim=0)
+        src = src + dense_prompt_embeddings
+        pos_src = image_pe.expand(batch, -1, -1, -1, -1)
+        b, c, x, y, z = src.shape
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )
+        b, c, x, y, z = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
+        return masks, self.iou_prediction_head(iou_token_out)

@@ -1,0 +1,129 @@
+"""3D prompt encoder: points and low-res mask logits -> sparse and dense embeddings.
+
+Official quirks kept for weight parity: the Fourier encoding is ``[sin, cos, sin]``; the dense
+grid encodes cell (i, j, k) as ``((j+.5)/G, (i+.5)/G, (k+.5)/G)`` (first two axes swapped), while
+points are encoded in their own (x, y, z) order; a pad point (label -1) is appended when no box
+is given.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .common import LayerNorm3d
+
+
+class PositionEmbeddingRandom3D(nn.Module):
+    """Random Fourier features of coordinates in [0, 1]^3 (buffer is part of the checkpoint)."""
+
+    def __init__(self, num_pos_feats: int) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(3, num_pos_feats))
+
+    def encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 3) in [0, 1] -> (..., 3 * num_pos_feats) as [sin, cos, sin]."""
+        matrix = self.positional_encoding_gaussian_matrix
+        t = 2 * math.pi * ((2 * coords.to(matrix.dtype) - 1) @ matrix)
+        return torch.cat([torch.sin(t), torch.cos(t), torch.sin(t)], dim=-1)
+
+    def dense(self, size: tuple[int, int, int]) -> torch.Tensor:
+        """Encoding of a grid, (3 * num_pos_feats, X, Y, Z), with the official axis swap."""
+        matrix = self.positional_encoding_gaussian_matrix
+        axes = [(torch.arange(n, device=matrix.device, dtype=matrix.dtype) + 0.5) / n for n in size]
+        a, b, c = torch.meshgrid(*axes, indexing="ij")
+        return self.encode(torch.stack([b, a, c], dim=-1)).permute(3, 0, 1, 2)
+
+    def points(self, coords: torch.Tensor, image_size: tuple[int, int, int]) -> torch.Tensor:
+        """Voxel coordinates (B, N, 3) of the input cube -> (B, N, 3 * num_pos_feats)."""
+        scale = torch.tensor(image_size, device=coords.device, dtype=coords.dtype)
+        return self.encode((coords + 0.5) / scale)
+
+
+class PromptEncoder3D(nn.Module):
+    """Embeds point prompts and mask logits for :class:`MaskDecoder3D`.
+
+    Args:
+        embed_dim: prompt width (divisible by 3).
+        image_embedding_size: token grid (8, 8, 8).
+        input_image_size: model input cube (128, 128, 128).
+        mask_in_chans: hidden channels of the mask downscaling path.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 384,
+        image_embedding_size: tuple[int, int, int] = (8, 8, 8),
+        input_image_size: tuple[int, int, int] = (128, 128, 128),
+        mask_in_chans: int = 16,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.image_embedding_size = tuple(image_embedding_size)
+        self.input_image_size = tuple(input_image_size)
+        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm3d(mask_in_chans // 4),
+            nn.GELU(),
+            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm3d(mask_in_chans),
+            nn.GELU(),
+            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    @property
+    def mask_input_size(self) -> tuple[int, int, int]:
+        """Side of the mask logits this encoder takes: 4 x the token grid (32^3)."""
+        return tuple(4 * s for s in self.image_embedding_size)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """Positional encoding of the token grid, (1, embed_dim, 8, 8, 8)."""
+        return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        if pad:
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 3)], dim=1)
+            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+        embedding = self.pe_layer.points(points.float(), self.input_image_size)
+        labels = labels[..., None]
+        embedding = torch.where(labels == -1, torch.zeros_like(embedding), embedding)
+        embedding = embedding + (labels == -1) * self.not_a_point_embed.weight
+        embedding = embedding + (labels == 0) * self.point_embeddings[0].weight
+        return embedding + (labels == 1) * self.point_embeddings[1].weight
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed prompts.
+
+        Args:
+            points: (coords, labels): coords (B, N, 3) voxel indices of the model grid in tensor
+                dims (2, 3, 4) order; labels (B, N), 1 = positive, 0 = negative, -1 = padding.
+            boxes: unsupported by the released weights; must be None.
+            masks: previous low-res logits (B, 1, 32, 32, 32), or None for ``no_mask_embed``.
+
+        Returns:
+            sparse (B, N + 1, embed_dim) and dense (B, embed_dim, 8, 8, 8) embeddings.
+        """
+        if boxes is not None:
+            raise ValueError("box prompts are not supported by the 3D prompt encoder")
+        weight = self.no_mask_embed.weight
+        batch = (
+            points[0].shape[0] if points is not None else masks.shape[0] if masks is not None else 1
+        )
+        sparse = weight.new_empty((batch, 0, self.embed_dim))
+        if points is not None:
+            sparse = torch.cat([sparse, self._embed_points(*points, pad=boxes is None)], dim=1)
+        if masks is not None:
+            dense = self.mask_downscaling(masks)
+        else:
+            dense = weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, *self.image_embedding_size)
+        return sparse, dense
