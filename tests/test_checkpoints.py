@@ -9,13 +9,14 @@ import json
 import threading
 from pathlib import Path
 
-import fastsam3d
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import fastsam3d
 from fastsam3d import checkpoints
 from fastsam3d.errors import CheckpointError
-from safetensors.torch import save_file
 
 DATA = Path(__file__).parent / "data"
 

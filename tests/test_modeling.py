@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fastsam3d.modeling.configs import CONFIGS, ModelConfig, build_model, infer_config
 
 DATA = Path(__file__).parent / "data"

@@ -12,24 +12,35 @@ Backends (chosen once, stored on the layer; see :data:`ATTENTION_BACKENDS`):
 
 - ``"math"``: explicit fp32 logits + softmax, the reference every fast path is compared with.
 - ``"sdpa"``: the bias as an additive mask into ``scaled_dot_product_attention``.
+- ``"sparse"``: the paper's dilated segment attention (:mod:`.sparse_attention`) over the
+  layer's ``sparse_pairs``; equals dense for one pair (N, 1).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_BACKENDS = ("math", "sdpa")
+from .sparse_attention import sparse_dilated_attention
+
+ATTENTION_BACKENDS = ("math", "sdpa", "sparse")
 
 
-def relative_position_table(size: int, table: torch.Tensor) -> torch.Tensor:
-    """Expand a (2*size-1, C) table to R[a, b] = table[a - b + size - 1], shape (size, size, C)."""
-    if table.shape[0] != 2 * size - 1:
+def relative_position_table(
+    size: int, table: torch.Tensor, extent: int | None = None
+) -> torch.Tensor:
+    """R[a, b] = table[a - b + extent - 1] for a, b < size, shape (size, size, C).
+
+    ``extent`` is the side the (2 * extent - 1, C) table was made for (default ``size``);
+    a smaller ``size`` takes the top-left corner, as for the real tokens of a padded window.
+    """
+    extent = size if extent is None else extent
+    if table.shape[0] != 2 * extent - 1:
         raise ValueError(
-            f"relative-position table has {table.shape[0]} rows, expected {2 * size - 1} "
-            f"for an attention extent of {size}"
+            f"relative-position table has {table.shape[0]} rows, expected {2 * extent - 1} "
+            f"for an attention extent of {extent}"
         )
     idx = torch.arange(size, device=table.device)
-    return table[idx[:, None] - idx[None, :] + size - 1]
+    return table[idx[:, None] - idx[None, :] + extent - 1]
 
 
 def rel_pos_terms(
@@ -38,8 +49,11 @@ def rel_pos_terms(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: int,
+    extent: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three terms of the official bias for unscaled queries ``q`` (B*, size**3, C).
+
+    ``extent``: see :func:`relative_position_table`.
 
     Returns:
         Tensors broadcastable to the 7-D logit view (B*, qd, qh, qw, kd, kh, kw).
@@ -47,7 +61,8 @@ def rel_pos_terms(
     batch, _, dim = q.shape
     r_q = q.reshape(batch, size, size, size, dim)
     rd, rh, rw = (
-        relative_position_table(size, t).to(q.dtype) for t in (rel_pos_d, rel_pos_h, rel_pos_w)
+        relative_position_table(size, t, extent).to(q.dtype)
+        for t in (rel_pos_d, rel_pos_h, rel_pos_w)
     )
     # rel_x[b, d, h, w, k] = q(d, h, w) . Rx[axis index, k]
     rel_d = torch.einsum("bdhwc,dkc->bdhwk", r_q, rd)
@@ -93,6 +108,7 @@ class RelPosAttention3D(nn.Module):
         qkv_bias: whether the qkv projection has a bias.
         use_rel_pos: add the decomposed relative-position bias.
         backend: one of :data:`ATTENTION_BACKENDS`.
+        sparse_pairs: (segment length, dilation) pairs of the "sparse" backend.
     """
 
     def __init__(
@@ -103,6 +119,7 @@ class RelPosAttention3D(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = True,
         backend: str = "math",
+        sparse_pairs: tuple[tuple[int, int], ...] = (),
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -118,6 +135,7 @@ class RelPosAttention3D(nn.Module):
             self.rel_pos_d = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
+        self.sparse_pairs = tuple(tuple(p) for p in sparse_pairs)
         self.backend = backend
 
     @property
@@ -130,6 +148,8 @@ class RelPosAttention3D(nn.Module):
             raise ValueError(
                 f"unknown attention backend {name!r}; choose from {ATTENTION_BACKENDS}"
             )
+        if name == "sparse" and not self.sparse_pairs:
+            raise ValueError("the sparse backend needs sparse_pairs, e.g. ((64, 1), (512, 8))")
         self._backend = name
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,10 +174,14 @@ class RelPosAttention3D(nn.Module):
         batch, d, h, w, c = x.shape
         q, k, v = self.split_heads(x)
         if self._backend == "math":
-            out = self._math(q.float(), k.float(), v.float()).to(x.dtype)
+            work = torch.promote_types(q.dtype, torch.float32)
+            out = self._math(q.to(work), k.to(work), v.to(work)).to(x.dtype)
         else:
             bias = self.bias(q) if self.use_rel_pos else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            if self._backend == "sparse":
+                out = sparse_dilated_attention(q, k, v, self.sparse_pairs, self.scale, bias)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, d, h, w, c)
         return self.proj(out)
 
@@ -167,6 +191,6 @@ class RelPosAttention3D(nn.Module):
         q, k, v = (t.reshape(batch * heads, n, hd) for t in (q, k, v))
         logits = (q * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
-            tables = tuple(t.float() for t in self.rel_pos_tables)
+            tables = tuple(t.to(q.dtype) for t in self.rel_pos_tables)
             logits = add_decomposed_rel_pos(logits, q, tables, self.size)
         return (logits.softmax(dim=-1) @ v).reshape(batch, heads, n, hd)

@@ -17,6 +17,8 @@ class ModelConfig:
     ``global_attn_indexes`` are absolute block indices; with ``window_size == 0`` every attention
     block is global. ``attention_free_blocks`` leading blocks have no attention (FastSAM3D).
     ``intensity_clip`` (low, high) clips intensities before z-normalisation (None: no clip).
+    ``sparse_attention`` ((segment, dilation), ...) switches global blocks to the paper's
+    sparse dilated attention (weights are shared with dense, so any checkpoint loads).
     """
 
     name: str = "custom"
@@ -40,6 +42,7 @@ class ModelConfig:
     iou_head_hidden_dim: int = 256
     num_multimask_outputs: int = 3
     intensity_clip: tuple[float, float] | None = None
+    sparse_attention: tuple[tuple[int, int], ...] = ()
 
     @property
     def grid_size(self) -> int:
@@ -104,6 +107,7 @@ def build_model(config: ModelConfig | str) -> Sam3D:
         window_size=config.window_size,
         global_attn_indexes=config.global_attn_indexes,
         block_style=config.block_style,
+        sparse_attention=config.sparse_attention,
     )
     prompt_encoder = PromptEncoder3D(
         embed_dim=config.prompt_dim,

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import RelPosAttention3D
 from .common import LayerNorm3d, MLPBlock
+from .window_fold import folded_window_attention
 
 BLOCK_STYLES = ("fastsam3d", "sam_med3d")
 
@@ -68,12 +69,17 @@ class Block3D(nn.Module):
         grid_size: int,
         window_size: int,
         block_style: str,
-        attention_backend: str = "math",
+        sparse_pairs: tuple[tuple[int, int], ...] = (),
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        sparse = bool(sparse_pairs) and not window_size
         self.attn = RelPosAttention3D(
-            dim, num_heads, window_size or grid_size, backend=attention_backend
+            dim,
+            num_heads,
+            window_size or grid_size,
+            backend="sparse" if sparse else "math",
+            sparse_pairs=sparse_pairs if sparse else (),
         )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
@@ -81,11 +87,17 @@ class Block3D(nn.Module):
         self.block_style = block_style
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention branch on LN1(x); windowed blocks attend zero-padded windows."""
+        """Attention branch on LN1(x); windowed blocks attend zero-padded windows.
+
+        Outside the "math" reference backend, a single padded window is computed exactly
+        with the padding folded into one virtual key (:mod:`.window_fold`).
+        """
         x = self.norm1(x)
         if not self.window_size:
             return self.attn(x)
         size = x.shape[1:4]
+        if self.attn.backend != "math" and all(s <= self.window_size for s in size):
+            return folded_window_attention(self.attn, x)
         windows, padded = window_partition(x, self.window_size)
         return window_unpartition(self.attn(windows), self.window_size, padded, size)
 
@@ -126,7 +138,8 @@ class ImageEncoderViT3D(nn.Module):
         window_size: window side of windowed blocks (0: every block global).
         global_attn_indexes: absolute indices of global-attention blocks when windowed.
         block_style: ``"fastsam3d"`` or ``"sam_med3d"`` wiring.
-        attention_backend: initial backend of every attention layer.
+        sparse_attention: (segment, dilation) pairs; non-empty makes global blocks use the
+            paper's sparse dilated attention instead of dense.
     """
 
     def __init__(
@@ -144,7 +157,7 @@ class ImageEncoderViT3D(nn.Module):
         window_size: int = 0,
         global_attn_indexes: tuple[int, ...] = (),
         block_style: str = "sam_med3d",
-        attention_backend: str = "math",
+        sparse_attention: tuple[tuple[int, int], ...] = (),
     ) -> None:
         super().__init__()
         if block_style not in BLOCK_STYLES:
@@ -161,7 +174,13 @@ class ImageEncoderViT3D(nn.Module):
             window = 0 if i in global_attn_indexes else window_size
             blocks.append(
                 Block3D(
-                    embed_dim, num_heads, mlp_ratio, grid, window, block_style, attention_backend
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    grid,
+                    window,
+                    block_style,
+                    sparse_attention,
                 )
             )
         self.blocks = nn.ModuleList(blocks)

@@ -1,0 +1,142 @@
+"""Attention backends against the fp32 / fp64 reference path on the same layer."""
+
+import pytest
+import torch
+
+from fastsam3d.modeling.attention import RelPosAttention3D
+from fastsam3d.modeling.configs import ModelConfig, build_model
+from fastsam3d.modeling.sparse_attention import (
+    dilated_indices,
+    scatter_tokens,
+    sparse_dilated_attention,
+)
+
+
+def random_layer(dtype=torch.float32, dim=32, heads=4, size=8, sparse_pairs=()):
+    torch.manual_seed(0)
+    layer = RelPosAttention3D(dim, heads, size, sparse_pairs=sparse_pairs).to(dtype)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.3)
+    return layer
+
+
+def run(layer, x, backend):
+    layer.backend = backend
+    with torch.no_grad():
+        return layer(x)
+
+
+def test_sdpa_matches_math_reference():
+    layer = random_layer()
+    x = torch.randn(2, 8, 8, 8, 32)
+    ref, fast = run(layer, x, "math"), run(layer, x, "sdpa")
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_teacher_window_fold_is_exact():
+    """Padded 14^3 windows folded into one virtual key equal the padded computation."""
+    config = ModelConfig(
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        attention_free_blocks=0,
+        window_size=14,
+        global_attn_indexes=(1,),
+        block_style="sam_med3d",
+        prompt_dim=48,
+    )
+    model = build_model(config).double().eval()
+    torch.manual_seed(1)
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)
+    block = model.image_encoder.blocks[0]
+    x = torch.randn(2, 8, 8, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        block.attn.backend = "math"
+        padded = block.attention(x)
+        block.attn.backend = "sdpa"
+        folded = block.attention(x)
+    assert (folded - padded).abs().max() <= 1e-11 * padded.abs().max()
+
+
+def test_sparse_with_one_full_segment_equals_dense():
+    n = 512
+    layer = random_layer(sparse_pairs=((n, 1),))
+    x = torch.randn(1, 8, 8, 8, 32)
+    dense, sparse = run(layer, x, "math"), run(layer, x, "sparse")
+    assert (sparse - dense).abs().max() <= 1e-5 * dense.abs().max()
+
+
+def test_dilated_gather_and_scatter_are_exact_inverses():
+    n, heads = 64, 4
+    x = torch.randn(1, heads, n, 3)
+    for segment, dilation in [(64, 1), (16, 1), (16, 2), (32, 4)]:
+        idx = dilated_indices(n, segment, dilation, heads)
+        assert idx.shape == (heads, n // segment, segment // dilation)
+        gathered = x.gather(2, idx.reshape(1, heads, -1, 1).expand(1, -1, -1, 3))
+        back = scatter_tokens(gathered.view(1, heads, *idx.shape[1:], 3), idx, n, fill=7.0)
+        for h in range(heads):
+            chosen = idx[h].flatten()
+            assert len(set(chosen.tolist())) == chosen.numel()
+            assert torch.equal(back[0, h, chosen], x[0, h, chosen])
+            others = torch.ones(n, dtype=torch.bool)
+            others[chosen] = False
+            assert torch.all(back[0, h, others] == 7.0)
+        covered = torch.zeros(n, dtype=torch.bool)
+        covered[idx.flatten()] = True
+        assert covered.all() == (heads >= dilation)
+
+
+def test_segments_attend_only_within_themselves():
+    """A change to a token in segment 0 leaves outputs of segment 1 unchanged."""
+    q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
+    out = sparse_dilated_attention(q, k, v, ((16, 1),), scale=0.3)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 3] += 5.0
+    v2[:, :, 3] += 5.0
+    out2 = sparse_dilated_attention(q, k2, v2, ((16, 1),), scale=0.3)
+    assert torch.allclose(out[:, :, 16:], out2[:, :, 16:])
+    assert not torch.allclose(out[:, :, :16], out2[:, :, :16])
+
+
+def test_mixing_identical_pairs_is_a_no_op():
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    single = sparse_dilated_attention(q, k, v, ((16, 2),), scale=0.3)
+    double = sparse_dilated_attention(q, k, v, ((16, 2), (16, 2)), scale=0.3)
+    assert torch.allclose(single, double, atol=1e-6)
+
+
+def test_gradients_flow_through_sparse_attention():
+    layer = random_layer(sparse_pairs=((64, 1), (512, 8)))
+    layer.backend = "sparse"
+    layer(torch.randn(1, 8, 8, 8, 32)).square().sum().backward()
+    for name in ("qkv.weight", "proj.weight", "rel_pos_d", "rel_pos_w"):
+        grad = dict(layer.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_sparse_config_builds_and_runs():
+    config = ModelConfig(
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        attention_free_blocks=1,
+        prompt_dim=24,
+        decoder_mlp_dim=32,
+        iou_head_hidden_dim=16,
+        sparse_attention=((64, 1), (512, 8)),
+    )
+    model = build_model(config).eval()
+    assert model.image_encoder.blocks[1].attn.backend == "sparse"
+    with torch.no_grad():
+        assert model.encode(torch.randn(1, 1, 128, 128, 128)).shape == (1, 48, 8, 8, 8)
+
+
+def test_bad_backend_and_pairs_are_refused():
+    layer = random_layer()
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        layer.backend = "fast"
+    with pytest.raises(ValueError, match="sparse_pairs"):
+        layer.backend = "sparse"
+    with pytest.raises(ValueError, match="divide"):
+        dilated_indices(512, 48, 1, 2)
