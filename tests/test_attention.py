@@ -121,7 +121,7 @@ def test_sparse_config_builds_and_runs():
         depth=2,
         num_heads=2,
         attention_free_blocks=1,
-        prompt_dim=24,
+        prompt_dim=48,
         decoder_mlp_dim=32,
         iou_head_hidden_dim=16,
         sparse_attention=((64, 1), (512, 8)),
