@@ -18,6 +18,32 @@ from .window_fold import folded_window_attention
 BLOCK_STYLES = ("fastsam3d", "sam_med3d")
 
 
+def _channel_norm(x: torch.Tensor, norm: LayerNorm3d) -> torch.Tensor:
+    """LayerNorm3d applied to a channels-last tensor."""
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The neck on channels-last tokens (B, G, G, G, C) as matrix products -> (B, C', G, G, G).
+
+    The 1x1 convolution is a linear map; the 3x3x3 one gathers its 27 shifted neighbours
+    (zero padding 1) and multiplies once by the flattened kernel.
+    """
+    conv1, norm1, conv3, norm3 = neck
+    x = _channel_norm(F.linear(x, conv1.weight.flatten(1)), norm1)
+    batch, d, h, w, c = x.shape
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1, 1, 1))
+    shifted = [
+        padded[:, i : i + d, j : j + h, k : k + w]
+        for i in range(3)
+        for j in range(3)
+        for k in range(3)
+    ]
+    columns = torch.stack(shifted, dim=-1).reshape(batch, d, h, w, c * 27)
+    x = _channel_norm(F.linear(columns, conv3.weight.flatten(1)), norm3)
+    return x.permute(0, 4, 1, 2, 3)
+
+
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Zero-pad (B, D, H, W, C) to multiples of ``window`` and cut it into windows.
 
@@ -48,14 +74,27 @@ def window_unpartition(
 
 
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping 3D patches -> channels-last tokens (B, D', H', W', C)."""
+    """Non-overlapping 3D patches -> channels-last tokens (B, D', H', W', C).
+
+    ``as_gemm`` computes the strided convolution as one matrix product over flattened
+    patches (same sums in another order; much faster than 3D convolution kernels).
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_size = patch_size
+        self.as_gemm = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 4, 1)
+        if not self.as_gemm:
+            return self.proj(x).permute(0, 2, 3, 4, 1)
+        batch, chans, d, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(batch, chans, d // p, p, h // p, p, w // p, p)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, d // p, h // p, w // p, -1)
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+        return F.linear(patches, weight, self.proj.bias)
 
 
 class Block3D(nn.Module):
@@ -203,10 +242,16 @@ class ImageEncoderViT3D(nn.Module):
         for block in self.blocks:
             x = block(x)
             outputs.append(x)
-        return self.neck(x.permute(0, 4, 1, 2, 3)), outputs
+        return self.apply_neck(x), outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
             x = block(x)
+        return self.apply_neck(x)
+
+    def apply_neck(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last tokens -> (B, out_chans, G, G, G); GEMM path with ``as_gemm``."""
+        if self.patch_embed.as_gemm:
+            return neck_channels_last(self.neck, x)
         return self.neck(x.permute(0, 4, 1, 2, 3))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import RelPosAttention3D
+from .fast_path import GraphCache, cpu_has_fast_bf16, upsample_trilinear
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -37,7 +41,15 @@ class Sam3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.config = config
         self.weights_id = f"random-{id(self):x}"
+        self.fast_upsample = False
+        self._encode_graph: GraphCache | None = None
+        self._decode_graphs: dict[int, GraphCache] | None = None
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(Sam3D._forget_dense_pe)
+
+    @staticmethod
+    def _forget_dense_pe(module: Sam3D, _incompatible) -> None:
+        module._dense_pe_cache = None
 
     @property
     def signature(self) -> str:
@@ -54,16 +66,55 @@ class Sam3D(nn.Module):
         return self.image_encoder.img_size
 
     def dense_pe(self) -> torch.Tensor:
-        """``prompt_encoder.get_dense_pe()``, computed once per weights / device / dtype."""
+        """``prompt_encoder.get_dense_pe()``, computed once per weights / device / dtype.
+
+        Loading a state dict clears the cache; the buffer is never trained.
+        """
         matrix = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-        key = (matrix.device, matrix.dtype, matrix.data_ptr(), matrix._version)
+        key = (matrix.device, matrix.dtype, matrix.data_ptr())
         if self._dense_pe_cache is None or self._dense_pe_cache[0] != key:
             self._dense_pe_cache = (key, self.prompt_encoder.get_dense_pe())
         return self._dense_pe_cache[1]
 
+    def prepare_inference(
+        self, dtype: torch.dtype | None = None, cuda_graphs: bool | None = None
+    ) -> Sam3D:
+        """Switch this model to the fastest path that stays within tolerance on its device.
+
+        The encoder runs in ``dtype`` (default: bf16 on CUDA and on CPUs with native bf16
+        matrix units, else fp32) with fused attention (SDPA, the teacher's padded windows
+        folded exactly) and its convolutions as matrix products; the prompt encoder and
+        decoder stay fp32; on CUDA both are replayed from CUDA graphs. An unprepared model
+        is the exact fp32 reference every fast path is compared with. Call after ``.to()``.
+        """
+        device = self.device
+        if dtype is None:
+            fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+            dtype = torch.bfloat16 if fast_bf16 else torch.float32
+        self.image_encoder.to(dtype)
+        self.image_encoder.patch_embed.as_gemm = True
+        for module in self.image_encoder.modules():
+            if isinstance(module, RelPosAttention3D) and module.backend == "math":
+                module.backend = "sdpa"
+        self.fast_upsample = True
+        graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._encode_graph = GraphCache(self._encode) if graphs else None
+        self._decode_graphs = (
+            {m: GraphCache(functools.partial(self._decode, multimask_output=m)) for m in (0, 1)}
+            if graphs
+            else None
+        )
+        return self
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed preprocessed crops (B, 1, 128, 128, 128) -> (B, C, 8, 8, 8)."""
-        return self.image_encoder(x.to(self.device, self.image_encoder.pos_embed.dtype))
+        """Embed preprocessed crops (B, 1, 128, 128, 128) -> fp32 (B, C, 8, 8, 8)."""
+        x = x.to(self.device, self.image_encoder.pos_embed.dtype)
+        if self._encode_graph is not None:
+            return self._encode_graph(x)[0]
+        return self._encode(x)[0]
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.image_encoder(x).float(),)
 
     def decode(
         self,
@@ -72,7 +123,8 @@ class Sam3D(nn.Module):
         labels: torch.Tensor,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return_mask: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Decode one set of prompts per batch element.
 
         Args:
@@ -82,31 +134,50 @@ class Sam3D(nn.Module):
             mask_input: previous low-res logits (B, 1, 32, 32, 32); None means a zero volume,
                 as the official interactive loop feeds on the first click.
             multimask_output: return the three multimask outputs instead of one.
+            return_mask: also threshold the logits upsampled to 128^3 (else mask is None).
 
         Returns:
             low_res logits (B, M, 32, 32, 32), iou (B, M) and the thresholded mask
             (B, M, 128, 128, 128) bool, with M = 3 if ``multimask_output`` else 1.
         """
-        device, dtype = self.device, embedding.dtype
-        batch = points.shape[0]
+        device = self.device
         if mask_input is None:
-            mask_input = torch.zeros(
-                (batch, 1, *self.prompt_encoder.mask_input_size), device=device, dtype=dtype
-            )
-        sparse, dense = self.prompt_encoder(
-            points=(points.to(device), labels.to(device)), boxes=None, masks=mask_input.to(device)
+            size = (points.shape[0], 1, *self.prompt_encoder.mask_input_size)
+            mask_input = torch.zeros(size, device=device)
+        inputs = (
+            embedding.to(device, torch.float32),
+            points.to(device, torch.float32),
+            labels.to(device, torch.int64),
+            mask_input.to(device, torch.float32),
         )
-        low_res, iou = self.mask_decoder(
-            image_embeddings=embedding.to(device),
+        if self._decode_graphs is not None:
+            low_res, iou = self._decode_graphs[int(multimask_output)](*inputs)
+        else:
+            low_res, iou = self._decode(*inputs, multimask_output=multimask_output)
+        mask = self.upsample_logits(low_res) > self.mask_threshold if return_mask else None
+        return low_res, iou, mask
+
+    def _decode(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(points=(points, labels), boxes=None, masks=mask_input)
+        return self.mask_decoder(
+            image_embeddings=embedding,
             image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+            multimask_output=bool(multimask_output),
         )
-        return low_res, iou, self.upsample_logits(low_res) > self.mask_threshold
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Trilinear (align_corners=False) upsampling of 32^3 logits to the 128^3 input grid."""
+        if self.fast_upsample:
+            return upsample_trilinear(low_res, self.image_size // low_res.shape[-1])
         return F.interpolate(
             low_res, size=(self.image_size,) * 3, mode="trilinear", align_corners=False
         )
