@@ -1,0 +1,158 @@
+"""One object's low-res logits on a lattice shared by all ROIs, and their exact inverse mapping.
+
+Low-res logit ``u`` of an ROI with origin ``o`` sits at resampled-grid coordinate
+``o + 4 u + 1.5`` (trilinear upsampling 32^3 -> 128^3 with ``align_corners=False``). ROI origins
+are multiples of 4, so all ROIs of a volume share the lattice ``r = 4 n + 1.5``. A
+:class:`LogitField` stores the newest logits per lattice cell plus which cells are known.
+
+The mask in the volume's own voxel grid is read straight from the lattice: source voxel ->
+lattice coordinate by one composed axis-aligned matrix, logits interpolated linearly (edge
+values beyond the known cells, as ``align_corners=False`` clamps), thresholded once at 0, and
+kept where the nearest lattice cell is known (the union of ROI boxes ``[-0.5, 127.5)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .geometry import ModelGrid, translation
+from .roi import STRIDE, Roi
+from .sampling import interpolate_axis_aligned
+
+Box = tuple[slice, slice, slice]
+
+
+def empty_box() -> Box:
+    return (slice(0, 0),) * 3
+
+
+def union_box(a: Box | None, b: Box | None) -> Box | None:
+    """Smallest box holding both (None and empty boxes are ignored)."""
+    boxes = [x for x in (a, b) if x is not None and all(s.stop > s.start for s in x)]
+    if not boxes:
+        return None
+    return tuple(
+        slice(min(x[i].start for x in boxes), max(x[i].stop for x in boxes)) for i in range(3)
+    )
+
+
+@dataclass
+class Patch:
+    """Lattice regions one edit changed, with their values before and after."""
+
+    regions: list[tuple[Box, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=list
+    )
+
+    @property
+    def box(self) -> Box | None:
+        out = None
+        for region in self.regions:
+            out = union_box(out, region[0])
+        return out
+
+    def undo(self, target: LogitField) -> None:
+        for box, old_logits, old_known, _, _ in reversed(self.regions):
+            target.logits[box], target.known[box] = old_logits, old_known
+
+    def redo(self, target: LogitField) -> None:
+        for box, _, _, new_logits, new_known in self.regions:
+            target.logits[box], target.known[box] = new_logits, new_known
+
+
+class LogitField:
+    """Low-res logits of one object over the whole resampled grid.
+
+    Args:
+        grid_shape: shape of the resampled grid.
+        roi_size: model input size (ROI edge, voxels).
+    """
+
+    def __init__(self, grid_shape, roi_size: int) -> None:
+        self.cells = roi_size // STRIDE
+        self.margin = self.cells
+        shape = tuple(int(np.ceil(n / STRIDE)) + 2 * self.margin for n in grid_shape)
+        self.logits = np.zeros(shape, dtype=np.float32)
+        self.known = np.zeros(shape, dtype=bool)
+
+    def tile(self, roi: Roi, ring: int = 0) -> Box:
+        """Lattice cells of an ROI, grown by ``ring`` cells."""
+        start = np.asarray(roi.origin) // STRIDE + self.margin - ring
+        stop = start + self.cells + 2 * ring
+        if np.any(start < 0) or np.any(stop > np.asarray(self.logits.shape)):
+            raise IndexError(f"ROI {roi.origin} leaves the lattice")
+        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+
+    def fits(self, roi: Roi) -> bool:
+        try:
+            self.tile(roi, ring=1)
+        except IndexError:
+            return False
+        return True
+
+    def read(self, roi: Roi) -> np.ndarray | None:
+        """The ROI's previous logits (0 where unknown), or None if no cell is known."""
+        box = self.tile(roi)
+        known = self.known[box]
+        if not known.any():
+            return None
+        return np.where(known, self.logits[box], 0).astype(np.float32)
+
+    def write(self, roi: Roi, low_res: np.ndarray, owned: np.ndarray | None = None) -> Patch:
+        """Store an ROI's logits in the cells it owns (all if ``owned`` is None).
+
+        Unknown cells in a one-cell ring around the ROI get the edge values, so that linear
+        interpolation at the ROI border matches the model's clamped upsampling.
+        """
+        box, ring = self.tile(roi), self.tile(roi, ring=1)
+        before = (self.logits[ring].copy(), self.known[ring].copy())
+        own = np.ones(low_res.shape, dtype=bool) if owned is None else owned
+        self.logits[box] = np.where(own, low_res, self.logits[box])
+        self.known[box] |= own
+        padded = np.pad(self.logits[box], 1, mode="edge")
+        self.logits[ring] = np.where(self.known[ring], self.logits[ring], padded)
+        return Patch([(ring, *before, self.logits[ring].copy(), self.known[ring].copy())])
+
+    def lattice_to_grid(self) -> np.ndarray:
+        """4x4 matrix lattice index -> resampled-grid coordinate."""
+        mat = np.diag([STRIDE, STRIDE, STRIDE, 1.0])
+        mat[:3, 3] = (STRIDE - 1) / 2 - STRIDE * self.margin
+        return mat
+
+    def source_to_lattice(self, grid: ModelGrid) -> np.ndarray:
+        """4x4 matrix source voxel -> lattice coordinate (composed, axis-aligned)."""
+        return np.linalg.inv(self.lattice_to_grid()) @ grid.from_source
+
+    def source_box(self, cells: Box, grid: ModelGrid) -> Box:
+        """Source voxels whose mask depends on the given lattice cells."""
+        lo = np.array([s.start - 1.0 for s in cells])
+        hi = np.array([s.stop + 0.0 for s in cells])
+        to_source = np.linalg.inv(self.source_to_lattice(grid))
+        corners = np.stack([lo, hi]) @ to_source[:3, :3].T + to_source[:3, 3]
+        start = np.floor(corners.min(axis=0)).astype(int)
+        stop = np.ceil(corners.max(axis=0)).astype(int) + 1
+        shape = np.asarray(grid.source_shape)
+        start, stop = np.clip(start, 0, shape), np.clip(stop, 0, shape)
+        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+
+    def render(self, grid: ModelGrid, box: Box) -> np.ndarray:
+        """The object's mask (bool) on a box of the source voxel grid."""
+        shape = tuple(s.stop - s.start for s in box)
+        if min(shape) <= 0:
+            return np.zeros(shape, dtype=bool)
+        start = np.array([s.start for s in box])
+        matrix = self.source_to_lattice(grid)
+        sub, matrix = self._sub_lattice(matrix, start, np.asarray(shape))
+        logits = interpolate_axis_aligned(self.logits[sub], matrix, start, shape, order=1)
+        known = interpolate_axis_aligned(self.known[sub], matrix, start, shape, order=0)
+        return (logits > 0) & known
+
+    def _sub_lattice(self, matrix: np.ndarray, start: np.ndarray, shape: np.ndarray):
+        """The lattice cells a source box reads, and the matrix re-based onto them."""
+        corners = np.stack([start, start + shape - 1]) @ matrix[:3, :3].T + matrix[:3, 3]
+        lo = np.clip(np.floor(corners.min(axis=0)).astype(int) - 1, 0, None)
+        hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 2, self.logits.shape)
+        sub = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        return sub, translation(-lo) @ matrix

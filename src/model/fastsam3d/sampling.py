@@ -1,0 +1,88 @@
+"""Sampling helpers on voxel grids: separable interpolation through axis-aligned matrices, crops.
+
+Every map between a volume's voxel grid, the resampled model grid and the low-res logit lattice
+is axis-aligned (a permutation with flips and per-axis scales), so trilinear interpolation
+factorises into one 1-D interpolation per axis: the same numbers as
+``scipy.ndimage.affine_transform(..., order=1, mode="nearest")``, for a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axis_map(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split an axis-aligned 4x4 matrix into (axis permutation, per-axis scale, offset).
+
+    Output coordinate ``a`` equals ``scale[a] * input[perm[a]] + offset[a]``.
+    """
+    lin = matrix[:3, :3]
+    perm = np.argmax(np.abs(lin), axis=1)
+    scale = lin[np.arange(3), perm]
+    rest = lin.copy()
+    rest[np.arange(3), perm] = 0
+    if sorted(perm.tolist()) != [0, 1, 2] or np.abs(rest).max() > 1e-9 * np.abs(scale).max():
+        raise ValueError("matrix is not axis-aligned")
+    return perm, scale, matrix[:3, 3].copy()
+
+
+def zero_outside(out: np.ndarray, start, grid_shape) -> None:
+    """Set the part of a box starting at ``start`` that lies outside ``grid_shape`` to 0."""
+    for axis, (s, n) in enumerate(zip(start, grid_shape, strict=True)):
+        lo, hi = max(0, -int(s)), max(0, int(n) - int(s))
+        index = [slice(None)] * 3
+        index[axis] = slice(0, lo)
+        out[tuple(index)] = 0
+        index[axis] = slice(hi, None)
+        out[tuple(index)] = 0
+
+
+def interpolate_axis_aligned(field: np.ndarray, matrix: np.ndarray, start, shape, order: int):
+    """Sample ``field`` on a box of another grid through an axis-aligned 4x4 matrix.
+
+    Equivalent to ``scipy.ndimage.affine_transform(field, matrix, output_shape=shape,
+    order=order, mode="nearest")`` with the box origin ``start``, computed separably (one 1-D
+    linear interpolation per axis), which is exact for axis-aligned matrices and much faster.
+
+    Args:
+        field: the array to sample (3-D).
+        matrix: 4x4 map from output voxel coordinates to ``field`` coordinates.
+        start: output index of the box's first voxel.
+        shape: box shape.
+        order: 0 (nearest, rounding half up) or 1 (linear).
+    """
+    perm, scale, offset = _axis_map(matrix)
+    out = field
+    for axis in range(3):
+        src = perm[axis]
+        coords = scale[axis] * (start[src] + np.arange(shape[src])) + offset[axis]
+        out = _sample_axis(out, coords, axis, order)
+    return out.transpose(np.argsort(perm))
+
+
+def _sample_axis(array: np.ndarray, coords: np.ndarray, axis: int, order: int) -> np.ndarray:
+    n = array.shape[axis]
+    clipped = np.clip(coords, 0, n - 1)
+    if order == 0:
+        return np.take(array, np.floor(clipped + 0.5).astype(np.intp), axis=axis)
+    low = np.minimum(np.floor(clipped).astype(np.intp), max(n - 2, 0))
+    weight = (clipped - low).astype(np.float32)
+    high = np.minimum(low + 1, n - 1)
+    shape = [1, 1, 1]
+    shape[axis] = len(coords)
+    weight = weight.reshape(shape)
+    return np.take(array, low, axis=axis) * (1 - weight) + np.take(array, high, axis=axis) * weight
+
+
+def crop_padded(array: np.ndarray, start, shape) -> np.ndarray:
+    """``array[start : start + shape]`` with zeros where the box leaves the array."""
+    out = np.zeros(tuple(shape), dtype=np.float32)
+    src, dst = [], []
+    for s, n, total in zip(start, shape, array.shape, strict=True):
+        lo, hi = max(int(s), 0), min(int(s) + int(n), total)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(s), hi - int(s)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out

@@ -1,0 +1,416 @@
+"""Interactive segmentation of one volume: clicks in, masks out (``SamPredictor`` for volumes).
+
+A click runs only the prompt encoder and mask decoder; ROI embeddings come from an LRU cache
+(:mod:`fastsam3d.cache`) and the encoder runs once per ROI. The previous low-res logits are fed
+back with every click. Results live in the volume's own voxel grid: the current object's mask
+(``Session.mask``) and the instance label map of committed objects (``Session.labels``), both of
+``volume.array``'s shape; every call reports the box it changed (:class:`Update`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import numpy as np
+
+from . import growth, prompts
+from .cache import DEFAULT_CACHE, EmbeddingCache
+from .errors import InputError, SessionError
+from .field import Box, LogitField, Patch, empty_box, union_box
+from .geometry import Volume
+from .precompute import PrecomputeJob, ProgressCallback
+from .predictor import RoiPredictor
+from .roi import Roi, centred_roi, tile_origins
+from .state import Click, CommittedObject, Edit, ObjectState, SessionSettings, Update
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Session", "SessionSettings", "Update"]
+
+
+class Session:
+    """Click-based segmentation of one volume with one model.
+
+    Args:
+        model: a ``Sam3D`` (from :func:`fastsam3d.load_model` or :func:`fastsam3d.build_model`)
+            or any module with the same ``config``, ``signature``, ``encode`` and ``decode``.
+        volume: the image (:class:`fastsam3d.Volume`).
+        device: "cuda", "mps", "cpu" or None for the best available (cuda > mps > cpu).
+        settings: interaction settings (:class:`SessionSettings`).
+        cache: embedding cache; by default one shared by all sessions of the process.
+        labels: an existing instance label map to add objects to (integer array of the
+            volume's shape, written in place); by default a new uint16 map of zeros.
+
+    Raises:
+        InputError: ``volume`` is not a :class:`Volume`, or ``labels`` does not fit it.
+    """
+
+    def __init__(
+        self,
+        model,
+        volume: Volume,
+        device=None,
+        *,
+        settings: SessionSettings | None = None,
+        cache: EmbeddingCache | None = None,
+        labels: np.ndarray | None = None,
+    ) -> None:
+        if not isinstance(volume, Volume):
+            raise InputError(
+                f"volume must be a fastsam3d.Volume, got {type(volume).__name__}: "
+                "wrap arrays with fastsam3d.Volume(array, affine)"
+            )
+        self.volume = volume
+        self._settings = settings or SessionSettings()
+        self._labels = self._check_labels(labels)
+        self._mask = np.zeros(volume.shape, dtype=bool)
+        self._predictor = RoiPredictor(
+            model,
+            volume,
+            device,
+            DEFAULT_CACHE if cache is None else cache,
+            self._settings.spacing,
+            _resolve_clip(self._settings.intensity_clip, model),
+        )
+        self._grid = volume.model_grid(self._settings.spacing)
+        self._committed: list[CommittedObject] = []
+        self._object = self._new_object()
+        self.last_update = Update()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def model(self):
+        return self._predictor.model
+
+    @property
+    def device(self):
+        return self._predictor.device
+
+    @property
+    def settings(self) -> SessionSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: SessionSettings) -> None:
+        if value.spacing != self._settings.spacing or value.intensity_clip != (
+            self._settings.intensity_clip
+        ):
+            raise SessionError("spacing and intensity_clip are fixed per Session: create a new one")
+        self._settings = value
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Instance label map of committed objects (live array, ``volume.array``'s shape)."""
+        return self._labels
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The current object's mask (read-only live view; copy it to keep it)."""
+        view = self._mask.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def clicks(self) -> tuple[Click, ...]:
+        """The current object's clicks in order."""
+        return tuple(self._object.clicks)
+
+    @property
+    def committed(self) -> tuple[CommittedObject, ...]:
+        """Objects committed so far, in order."""
+        return tuple(self._committed)
+
+    @property
+    def roi(self) -> Roi | None:
+        """The current object's ROI (origin on the resampled 1.5 mm grid), None before a click."""
+        return self._object.roi
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._object.undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._object.redo)
+
+    # ------------------------------------------------------------------ clicks
+
+    def add_point(self, point, positive: bool = True) -> np.ndarray:
+        """Add a click to the current object and return its mask.
+
+        Args:
+            point: voxel indices (i, j, k) into ``volume.array`` (floats allowed).
+            positive: True to add to the object, False to remove from it.
+
+        Returns:
+            The current object's mask, bool, ``volume.array``'s shape (a copy). Use
+            :meth:`add_point_result` to get only the changed box.
+
+        Raises:
+            InputError: the point is not three numbers inside the volume.
+        """
+        self.add_point_result(point, positive)
+        return self._mask.copy()
+
+    def add_point_result(self, point, positive: bool = True) -> Update:
+        """Like :meth:`add_point`, but return the changed box and the mask inside it."""
+        source = self._check_point(point)
+        roi = self._choose_roi(self._grid.source_to_grid(source))
+        return self._apply(Click(tuple(float(v) for v in source), bool(positive), roi.origin))
+
+    def undo(self) -> np.ndarray:
+        """Take back the current object's last click; returns its mask (a copy).
+
+        Raises:
+            SessionError: there is nothing to undo.
+        """
+        self.undo_result()
+        return self._mask.copy()
+
+    def undo_result(self) -> Update:
+        """Like :meth:`undo`, but return the changed box."""
+        obj = self._object
+        if not obj.undo:
+            raise SessionError("nothing to undo: the current object has no click (add_point first)")
+        edit = obj.undo.pop()
+        edit.patch.undo(obj.field)
+        obj.clicks.pop()
+        obj.roi = edit.roi_before
+        obj.redo.append(edit)
+        return self._refresh(edit.patch.box)
+
+    def redo(self) -> np.ndarray:
+        """Re-apply the last undone click; returns the current object's mask (a copy).
+
+        Raises:
+            SessionError: there is nothing to redo.
+        """
+        self.redo_result()
+        return self._mask.copy()
+
+    def redo_result(self) -> Update:
+        """Like :meth:`redo`, but return the changed box."""
+        obj = self._object
+        if not obj.redo:
+            raise SessionError("nothing to redo: undo() first (a new click clears the redo list)")
+        edit = obj.redo.pop()
+        edit.patch.redo(obj.field)
+        obj.clicks.append(edit.click)
+        obj.roi = edit.roi_after
+        obj.undo.append(edit)
+        return self._refresh(edit.patch.box)
+
+    def reset(self) -> Update:
+        """Drop the current object (clicks, mask and its undo history); labels are kept."""
+        box = self._object.touched
+        self._object = self._new_object()
+        if box is not None:
+            self._mask[box] = False
+        self.last_update = Update(box or empty_box(), np.zeros(_box_shape(box), dtype=bool))
+        return self.last_update
+
+    def commit(self, overwrite: bool | None = None) -> int:
+        """Write the current object into :attr:`labels` under a new id and start a new object.
+
+        Args:
+            overwrite: overwrite voxels of objects committed before; default
+                ``settings.overwrite_committed`` (False: they are preserved).
+
+        Returns:
+            The new label id (one more than the largest id in :attr:`labels`).
+
+        Raises:
+            SessionError: the current object is empty.
+        """
+        return self._commit(overwrite, label=None)
+
+    # ------------------------------------------------------------------ precompute, JSON
+
+    def precompute(
+        self, progress: ProgressCallback | None = None, background: bool = True
+    ) -> PrecomputeJob:
+        """Encode the ROIs that tile the whole volume, so later clicks only decode.
+
+        Args:
+            progress: called as ``progress(done, total)`` after each ROI (from the worker
+                thread when ``background``).
+            background: run in a daemon thread (cancel with ``job.cancel()``); False runs
+                here and returns the finished job.
+        """
+        self._predictor.volume.resampled(self._settings.spacing)
+        rois = [Roi(o, self._predictor.roi_size) for o in tile_origins(self._grid.shape)]
+        job = PrecomputeJob(self._predictor, rois, progress)
+        return job.start() if background else job.run()
+
+    def prompts_to_json(self, path=None) -> str:
+        """The prompts of every object as JSON text (also written to ``path`` if given).
+
+        :meth:`from_json` replays them into the same labels and masks.
+        """
+        return prompts.dump(self, path)
+
+    from_json = prompts.FromJson()
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_object(self) -> ObjectState:
+        return ObjectState(LogitField(self._grid.shape, self._predictor.roi_size))
+
+    def _check_labels(self, labels) -> np.ndarray:
+        if labels is None:
+            return np.zeros(self.volume.shape, dtype=np.uint16)
+        if not isinstance(labels, np.ndarray) or labels.shape != self.volume.shape:
+            raise InputError(f"labels must be an integer array of shape {self.volume.shape}")
+        if labels.dtype.kind not in "iu":
+            raise InputError(f"labels must have an integer dtype, got {labels.dtype}")
+        return labels
+
+    def _check_point(self, point) -> np.ndarray:
+        try:
+            source = np.asarray(point, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            source = np.zeros(0)
+        if source.shape != (3,) or not np.all(np.isfinite(source)):
+            raise InputError(
+                f"a click is three voxel indices (i, j, k) into volume.array, got {point!r}"
+            )
+        upper = np.asarray(self.volume.shape) - 1
+        if np.any(source < 0) or np.any(source > upper):
+            raise InputError(
+                f"click {tuple(source.tolist())} is outside the volume of shape "
+                f"{self.volume.shape}: each index must be within 0 .. n - 1"
+            )
+        return source
+
+    def _choose_roi(self, point: np.ndarray) -> Roi:
+        s, size = self._settings, self._predictor.roi_size
+        current = self._object.roi
+        if current is not None and current.holds(point, s.border_margin, self._grid.shape):
+            return current
+        if s.reuse_cached_rois:
+            candidates = [Roi(o, size) for o in self._predictor.cached_origins()]
+            usable = [
+                r
+                for r in candidates
+                if r.holds(point, s.reuse_margin, self._grid.shape) and self._object.field.fits(r)
+            ]
+            if usable:
+                return min(usable, key=lambda r: float(np.sum((r.centre - point) ** 2)))
+        return centred_roi(point, size)
+
+    def _apply(self, click: Click) -> Update:
+        obj = self._object
+        roi = Roi(click.roi, self._predictor.roi_size)
+        if not obj.field.fits(roi) or not roi.contains(self._grid.source_to_grid(click.point)):
+            raise InputError(f"ROI {click.roi} does not hold the click {click.point}")
+        obj.clicks.append(click)
+        try:
+            patch, iou, rois, encoded = self._segment(obj, roi)
+        except BaseException:
+            obj.clicks.pop()
+            raise
+        obj.undo.append(Edit(click, patch, obj.roi, roi))
+        del obj.undo[: -self._settings.max_undo or None]
+        obj.redo.clear()
+        obj.roi = roi
+        return self._refresh(patch.box, iou=iou, rois=rois, encoded=encoded)
+
+    def _segment(self, obj: ObjectState, roi: Roi):
+        """Decode the clicked ROI, then the neighbours the object continues into."""
+        patch, decoded, encoded, iou = Patch(), [], 0, None
+        queue: deque[Roi] = deque([roi])
+        try:
+            while queue and len(decoded) <= self._settings.max_extra_rois:
+                current = queue.popleft()
+                if any(d.origin == current.origin for d in decoded) or not obj.field.fits(current):
+                    continue
+                owned = growth.owned_cells(current, decoded) if decoded else None
+                if owned is not None and not owned.any():
+                    continue
+                result = self._decode(obj, current, continuation=bool(decoded))
+                if result is None:
+                    continue
+                low, score, ran = result
+                patch.regions.extend(obj.field.write(current, low, owned).regions)
+                iou = score if iou is None else iou
+                decoded.append(current)
+                encoded += int(ran)
+                queue.extend(self._continuations(current, low, owned, decoded))
+        except BaseException:
+            patch.undo(obj.field)
+            raise
+        return patch, iou, tuple(d.origin for d in decoded), encoded
+
+    def _continuations(self, roi: Roi, low, owned, decoded) -> list[Roi]:
+        if self._settings.max_extra_rois <= 0:
+            return []
+        overlap = self._settings.roi_overlap
+        return growth.next_rois(roi, low, owned, self._grid.shape, overlap, decoded)
+
+    def _decode(self, obj: ObjectState, roi: Roi, continuation: bool):
+        previous = obj.field.read(roi)
+        points, labels = self._prompts(obj, roi)
+        if continuation and not any(labels):
+            seed = growth.seed_point(previous)
+            if seed is None:
+                return None
+            points, labels = points + [seed], labels + [1]
+        if not points:
+            return None
+        return self._predictor.decode(roi, np.stack(points), np.asarray(labels), previous)
+
+    def _prompts(self, obj: ObjectState, roi: Roi) -> tuple[list[np.ndarray], list[int]]:
+        """Model coordinates and labels of the clicks fed to the decoder for ``roi``."""
+        clicks = obj.clicks[-1:] if self._settings.point_policy == "newest" else obj.clicks
+        points, labels = [], []
+        for click in clicks:
+            grid_point = self._grid.source_to_grid(click.point)
+            if roi.contains(grid_point):
+                points.append(np.clip(roi.to_model(grid_point), 0, roi.size - 1))
+                labels.append(int(click.positive))
+        return points, labels
+
+    def _refresh(self, cells: Box | None, **info) -> Update:
+        """Re-render the current object's mask where the lattice ``cells`` changed."""
+        obj = self._object
+        if cells is None:
+            self.last_update = Update(**info)
+            return self.last_update
+        box = obj.field.source_box(cells, self._grid)
+        self._mask[box] = obj.field.render(self._grid, box)
+        obj.touched = union_box(obj.touched, box)
+        self.last_update = Update(box, self._mask[box].copy(), **info)
+        return self.last_update
+
+    def _commit(self, overwrite: bool | None, label: int | None) -> int:
+        obj = self._object
+        box = obj.touched
+        if box is None or not self._mask[box].any():
+            raise SessionError("the current object is empty: add a positive point before commit()")
+        overwrite = self._settings.overwrite_committed if overwrite is None else bool(overwrite)
+        label = int(self._labels.max()) + 1 if label is None else int(label)
+        if label > np.iinfo(self._labels.dtype).max:
+            raise SessionError(f"label {label} does not fit the labels' dtype {self._labels.dtype}")
+        mask, region = self._mask[box], self._labels[box]
+        region[mask if overwrite else mask & (region == 0)] = label
+        self._committed.append(CommittedObject(label, tuple(obj.clicks), overwrite))
+        self._mask[box] = False
+        self._object = self._new_object()
+        self.last_update = Update(box, np.zeros(_box_shape(box), bool), True, label)
+        return label
+
+
+def _resolve_clip(clip, model):
+    """The clipping range: the settings' value, or the model configuration's for "model"."""
+    if clip != "model":
+        return clip
+    value = getattr(getattr(model, "config", None), "intensity_clip", None)
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+def _box_shape(box: Box | None) -> tuple[int, int, int]:
+    if box is None:
+        return (0, 0, 0)
+    return tuple(s.stop - s.start for s in box)

@@ -1,0 +1,172 @@
+"""Typed interaction state of a :class:`~fastsam3d.session.Session` (no model, no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .field import Box, LogitField, Patch, empty_box
+from .geometry import MODEL_SPACING
+from .roi import Roi
+
+POINT_POLICIES = ("newest", "all")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How a session turns clicks into masks.
+
+    Attributes:
+        point_policy: ``"newest"`` feeds only the newest click plus the previous low-res
+            logits, as the official evaluation does; ``"all"`` feeds every click of the object
+            inside the ROI. Pending a measurement with trained weights, "newest" is the default.
+        border_margin: a click within this many voxels (1.5 mm grid) of the current ROI's
+            border moves the ROI (borders at the edge of the volume do not count).
+        reuse_cached_rois: a click that needs a new ROI takes an already encoded ROI that
+            holds it at least ``reuse_margin`` voxels from its borders instead of encoding a
+            new centred one (this is what makes :meth:`Session.precompute` useful).
+        reuse_margin: see ``reuse_cached_rois``.
+        max_extra_rois: how many neighbouring ROIs one click may add when the mask touches
+            the ROI border (0 keeps every object inside one ROI).
+        roi_overlap: overlap (voxels) between an ROI and a neighbour it continues into.
+        overwrite_committed: whether :meth:`Session.commit` overwrites voxels of objects
+            committed before (default: they are preserved).
+        intensity_clip: clip intensities to (low, high) before normalisation, None for no
+            clipping, or "model" to use the model configuration's ``intensity_clip``.
+        spacing: model grid spacing in mm (the training value is 1.5).
+        max_undo: undo levels kept per object.
+    """
+
+    point_policy: str = "newest"
+    border_margin: int = 8
+    reuse_cached_rois: bool = True
+    reuse_margin: int = 32
+    max_extra_rois: int = 8
+    roi_overlap: int = 32
+    overwrite_committed: bool = False
+    intensity_clip: tuple[float, float] | None | str = "model"
+    spacing: float = MODEL_SPACING
+    max_undo: int = 100
+
+    def __post_init__(self) -> None:
+        if self.point_policy not in POINT_POLICIES:
+            raise InputError(
+                f"point_policy must be one of {POINT_POLICIES}, got {self.point_policy!r}"
+            )
+        for name in ("border_margin", "reuse_margin", "max_extra_rois", "roi_overlap", "max_undo"):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.roi_overlap % 4 or self.roi_overlap >= 64:
+            raise InputError(
+                f"roi_overlap must be a multiple of 4 below 64, got {self.roi_overlap}"
+            )
+        if not self.spacing > 0:
+            raise InputError(f"spacing must be positive, got {self.spacing}")
+        clip = self.intensity_clip
+        if clip != "model" and clip is not None:
+            if len(clip) != 2 or not float(clip[0]) < float(clip[1]):
+                raise InputError(f"intensity_clip must be (low, high) with low < high, got {clip}")
+            object.__setattr__(self, "intensity_clip", (float(clip[0]), float(clip[1])))
+
+    def replace(self, **changes) -> SessionSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SessionSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("intensity_clip"), list):
+            values["intensity_clip"] = tuple(values["intensity_clip"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Click:
+    """One prompt point.
+
+    Attributes:
+        point: voxel coordinates (i, j, k) into ``volume.array``.
+        positive: True adds to the object, False removes.
+        roi: origin of the ROI that was decoded for this click (resampled-grid voxels).
+    """
+
+    point: tuple[float, float, float]
+    positive: bool
+    roi: tuple[int, int, int]
+
+    def to_dict(self) -> dict:
+        point = [int(v) if float(v).is_integer() else float(v) for v in self.point]
+        return {"point": point, "positive": self.positive, "roi": list(self.roi)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Click:
+        return cls(
+            tuple(float(v) for v in data["point"]),
+            bool(data.get("positive", True)),
+            tuple(int(v) for v in data["roi"]),
+        )
+
+
+@dataclass
+class Edit:
+    """One undoable step of an object: the click it added and the lattice cells it changed."""
+
+    click: Click
+    patch: Patch
+    roi_before: Roi | None
+    roi_after: Roi
+
+
+@dataclass
+class ObjectState:
+    """The object being segmented: its clicks, logits, current ROI and history."""
+
+    field: LogitField
+    clicks: list[Click] = field(default_factory=list)
+    roi: Roi | None = None
+    undo: list[Edit] = field(default_factory=list)
+    redo: list[Edit] = field(default_factory=list)
+    touched: Box | None = None
+
+
+@dataclass(frozen=True)
+class CommittedObject:
+    """An object written into the label map."""
+
+    label: int
+    clicks: tuple[Click, ...]
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a call changed, so that a viewer can redraw only that box.
+
+    Attributes:
+        box: slices into ``volume.array`` (and ``Session.labels``) of the region that changed;
+            empty slices when nothing changed.
+        mask: the current object's mask inside ``box`` (bool copy).
+        labels_changed: whether ``Session.labels`` changed inside ``box`` (commit).
+        label: the label id written by a commit, else None.
+        iou: the model's predicted IoU for the clicked ROI, else None.
+        rois: origins (resampled grid) of the ROIs decoded, clicked ROI first.
+        encoded: how many ROI embeddings the encoder computed for this call.
+    """
+
+    box: Box = field(default_factory=empty_box)
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=bool))
+    labels_changed: bool = False
+    label: int | None = None
+    iou: float | None = None
+    rois: tuple[tuple[int, int, int], ...] = ()
+    encoded: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return any(s.stop <= s.start for s in self.box)
