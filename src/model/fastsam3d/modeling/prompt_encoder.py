@@ -36,8 +36,9 @@ class PositionEmbeddingRandom3D(nn.Module):
 
     def points(self, coords: torch.Tensor, image_size: tuple[int, int, int]) -> torch.Tensor:
         """Voxel coordinates (B, N, 3) of the input cube -> (B, N, 3 * num_pos_feats)."""
-        scale = torch.tensor(image_size, device=coords.device, dtype=coords.dtype)
-        return self.encode((coords + 0.5) / scale)
+        coords = coords + 0.5
+        normalised = [coords[..., axis] / size for axis, size in enumerate(image_size)]
+        return self.encode(torch.stack(normalised, dim=-1))
 
 
 class PromptEncoder3D(nn.Module):
