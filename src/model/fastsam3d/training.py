@@ -1,0 +1,368 @@
+"""SAM-style interactive training of any :class:`ModelConfig` (``fastsam3d train``).
+
+Per batch the encoder runs once; then ``clicks`` rounds of simulated clicks, each fed to the
+prompt encoder with the previous round's low-res logits (detached), as in the official
+training: one new click per round sampled from the current error (the first from the target's
+core), the newest point only or all points so far (chosen at random per batch), plus two
+mask-only rounds (one at a random round, one at the end) where the decoder sees only the
+previous logits. Loss: Dice + BCE on the 128^3 upsampled logits, plus MSE of the predicted IoU,
+averaged over rounds. Data come from :mod:`fastsam3d.data` (synthetic + real crops made on the
+training device). Scale-out, precision, checkpoints and metrics: :mod:`.training_runtime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .clicks import sample_training_clicks
+from .data import SamplingConfig, SeedBank, discover_cases, prepare_cases, sample_batch
+from .modeling.configs import build_model
+from .modeling.sam3d import Sam3D
+from .training_runtime import (
+    Budget,
+    MetricsLog,
+    Runtime,
+    cosine_lr,
+    load_resume_state,
+    load_trained_model,
+    resolve_config,
+    save_checkpoint,
+    save_model,
+    seed_everything,
+    set_attention_backend,
+    setup_runtime,
+    unwrap,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Soft Dice (squared denominators) + BCE per sample, averaged with per-sample ``weight``.
+
+    Args:
+        logits: (B, 1, X, Y, Z).
+        target: (B, 1, X, Y, Z) bool.
+        weight: (B,) float (0 drops a sample).
+    """
+    logits, target = logits.float().flatten(1), target.float().flatten(1)
+    prob = logits.sigmoid()
+    dice = 1 - (2 * (prob * target).sum(1) + 1e-5) / (
+        prob.square().sum(1) + target.square().sum(1) + 1e-5
+    )
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+    return ((dice + bce) * weight).sum() / weight.sum().clamp(min=1)
+
+
+def decode_prompts(model: Sam3D, embedding, points, labels, mask_input):
+    """Prompt encoder + decoder; ``points`` None runs a mask-only round."""
+    prompt = None if points is None else (points, labels)
+    sparse, dense = model.prompt_encoder(points=prompt, boxes=None, masks=mask_input)
+    return model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+
+
+def batch_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Hard Dice per sample (1 when both are empty)."""
+    inter = (pred & target).flatten(1).sum(1).float()
+    total = (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).float()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+class InteractiveStep(nn.Module):
+    """One interactive training step as a module, so DDP sees a single forward.
+
+    Args:
+        model: the :class:`Sam3D` being trained.
+        clicks: click rounds per sample.
+        freeze_encoder: embed under ``no_grad`` (decoder fine-tune on fixed embeddings).
+    """
+
+    def __init__(self, model: Sam3D, clicks: int, freeze_encoder: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.clicks = clicks
+        self.freeze_encoder = freeze_encoder
+
+    def forward(self, image, target, valid, generator) -> tuple[torch.Tensor, dict]:
+        model, batch = self.model, image.shape[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            embedding = model.image_encoder(image)
+        low = image.new_zeros((batch, 1, *model.prompt_encoder.mask_input_size))
+        pred = torch.zeros_like(target)
+        points = image.new_zeros((batch, 0, 3))
+        labels = torch.zeros((batch, 0), dtype=torch.long, device=image.device)
+        accumulate = bool(torch.rand((), generator=generator, device=image.device) < 0.5)
+        mask_only = int(
+            torch.randint(1, max(self.clicks, 2), (), generator=generator, device=image.device)
+        )
+        weight, losses = valid.float(), []
+        for index in range(self.clicks):
+            with torch.no_grad():
+                core = (
+                    index == 0 or torch.rand(batch, generator=generator, device=image.device) < 0.3
+                )
+                new_points, new_labels = sample_training_clicks(pred, target, generator, core)
+            points = torch.cat([points, new_points], 1) if accumulate else new_points
+            labels = torch.cat([labels, new_labels], 1) if accumulate else new_labels
+            rounds = [(points, labels)] + ([(None, None)] if index == mask_only else [])
+            for round_points, round_labels in rounds:
+                low, loss, pred = self._round(
+                    embedding, round_points, round_labels, low, target, weight
+                )
+                losses.append(loss)
+        low, loss, pred = self._round(embedding, None, None, low, target, weight)
+        losses.append(loss)
+        return torch.stack(losses).mean(), {"dice": batch_dice(pred, target)[valid]}
+
+    def _round(self, embedding, points, labels, low, target, weight):
+        model = self.model
+        new_low, iou = decode_prompts(model, embedding, points, labels, low.detach())
+        logits = model.upsample_logits(new_low)
+        pred = logits.detach() > 0
+        inter = (pred & target).flatten(1).sum(1).float()
+        union = (pred | target).flatten(1).sum(1).float().clamp(min=1)
+        iou_loss = (
+            (iou[:, 0].float() - inter / union).square() * weight
+        ).sum() / weight.sum().clamp(min=1)
+        return new_low, dice_ce_loss(logits, target, weight) + iou_loss, pred
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``fastsam3d train`` takes (see :func:`add_parser` for meanings)."""
+
+    config: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    cache: str = ".cache/fastsam3d-seeds"
+    out: str = "runs/train"
+    init: str | None = None
+    resume: bool = False
+    minutes: float | None = None
+    steps: int | None = None
+    batch: int = 2
+    clicks: int = 8
+    lr: float = 2e-4
+    decoder_lr: float | None = None
+    weight_decay: float = 0.1
+    freeze_encoder: bool = False
+    crop: int = 128
+    real_prob: float = 0.3
+    amp: str = "auto"
+    attention: str | None = None
+    device: str | None = None
+    seed: int = 2023
+    log_every: int = 10
+    save_every_minutes: float = 5.0
+
+
+def build_or_load(options: TrainOptions, runtime: Runtime) -> Sam3D:
+    """The model to train: ``--init`` weights if given, else a fresh ``--config`` model."""
+    if options.init:
+        model = load_trained_model(options.init)
+    else:
+        model = build_model(resolve_config(options.config, options.overrides))
+    backend = options.attention or ("sdpa" if runtime.device.type == "cuda" else "math")
+    set_attention_backend(model, backend)
+    return model.to(runtime.device).train()
+
+
+def make_optimizer(model: Sam3D, options: TrainOptions) -> torch.optim.AdamW:
+    """AdamW with an encoder group (lr) and a prompt-encoder/decoder group (decoder_lr)."""
+    encoder = [p for p in model.image_encoder.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
+    groups = [
+        {
+            "params": rest,
+            "lr": options.decoder_lr or options.lr,
+            "base_lr": options.decoder_lr or options.lr,
+        }
+    ]
+    if not options.freeze_encoder:
+        groups.insert(0, {"params": encoder, "lr": options.lr, "base_lr": options.lr})
+    return torch.optim.AdamW(groups, weight_decay=options.weight_decay, betas=(0.9, 0.999))
+
+
+def load_seed_bank(data_roots: list[str], cache: str, device, min_voxels: int = 200) -> SeedBank:
+    """Discover, preprocess (cached) and load every training case onto ``device``."""
+    cases = [case for root in data_roots for case in discover_cases(root)]
+    return SeedBank(prepare_cases(cases, cache), device, min_voxels=min_voxels)
+
+
+def train(options: TrainOptions) -> Path:
+    """Run interactive training; returns the path of the final weights (``final.safetensors``).
+
+    Writes ``latest.safetensors`` + ``latest.optim.safetensors`` every
+    ``save_every_minutes`` and at the end, and ``metrics.jsonl``, under ``options.out``.
+    """
+    runtime = setup_runtime(options.device, options.amp)
+    generator = seed_everything(options.seed, runtime)
+    model = build_or_load(options, runtime)
+    if options.freeze_encoder:
+        model.image_encoder.requires_grad_(False)
+    optimizer = make_optimizer(model, options)
+    out = Path(options.out)
+    counters = {"step": 0, "elapsed_s": 0.0}
+    if options.resume:
+        counters = load_resume_state(out, "latest", model, optimizer, generator)
+    step_module = InteractiveStep(model, options.clicks, options.freeze_encoder)
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        step_module = DistributedDataParallel(
+            step_module, device_ids=ids, find_unused_parameters=True
+        )
+    bank = load_seed_bank(options.data, options.cache, runtime.device)
+    sampling = SamplingConfig(
+        size=options.crop, real_prob=options.real_prob, clip=model.config.intensity_clip
+    )
+    budget = Budget(options.minutes, options.steps, counters["step"], counters["elapsed_s"])
+    _loop(step_module, optimizer, bank, sampling, budget, generator, runtime, options)
+    final = out / "final.safetensors"
+    if runtime.is_main:
+        _save(out, model, optimizer, budget, generator)
+        save_model(final, model, {"counters": {"step": budget.step}})
+        logger.info("saved %s", final)
+    return final
+
+
+def _save(out: Path, model, optimizer, budget: Budget, generator) -> None:
+    counters = {"step": budget.step, "elapsed_s": budget.elapsed}
+    save_checkpoint(out, "latest", model, optimizer, counters, generator)
+
+
+def _loop(step_module, optimizer, bank, sampling, budget: Budget, generator, runtime, options):
+    model = unwrap(step_module).model
+    metrics = MetricsLog(Path(options.out) / "metrics.jsonl", runtime)
+    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    bar = tqdm(
+        total=options.steps,
+        initial=budget.step,
+        disable=not runtime.is_main,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    last_save, window = time.monotonic(), []
+    tick = time.monotonic()
+    while not budget.done(runtime):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(group["base_lr"], budget.progress)
+        with torch.no_grad():
+            batch = sample_batch(bank, options.batch, generator, sampling)
+        with runtime.autocast():
+            loss, stats = step_module(batch.image, batch.target, batch.valid, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        budget.step += 1
+        bar.update(1)
+        window.append(
+            (loss.detach(), stats["dice"].mean().detach() if stats["dice"].numel() else None)
+        )
+        if budget.step % options.log_every == 0:
+            tick = _log(metrics, bar, window, budget, optimizer, options, tick, runtime)
+            window = []
+        if runtime.is_main and time.monotonic() - last_save > 60 * options.save_every_minutes:
+            _save(Path(options.out), model, optimizer, budget, generator)
+            last_save = time.monotonic()
+    bar.close()
+
+
+def _log(metrics, bar, window, budget, optimizer, options, tick, runtime) -> float:
+    now = time.monotonic()
+    loss = torch.stack([w[0] for w in window]).mean().item()
+    dices = [w[1] for w in window if w[1] is not None]
+    dice = torch.stack(dices).mean().item() if dices else None
+    record = {
+        "step": budget.step,
+        "elapsed_s": round(budget.elapsed, 2),
+        "progress": round(budget.progress, 4),
+        "loss": loss,
+        "dice_last_round": dice,
+        "lr": optimizer.param_groups[0]["lr"],
+        "samples_per_s": len(window) * options.batch * runtime.world_size / max(now - tick, 1e-9),
+    }
+    metrics.write(record)
+    bar.set_postfix(loss=f"{loss:.3f}", dice=f"{dice or 0:.3f}")
+    return now
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fastsam3d train``."""
+    parser = subparsers.add_parser("train", help="interactive SAM-style training")
+    parser.add_argument("--config", default="tiny", help="registered model config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field (repeatable)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="nnU-Net dataset folder or the shared real-data folder (repeatable)",
+    )
+    parser.add_argument("--cache", default=TrainOptions.cache, help="preprocessing cache folder")
+    parser.add_argument("--out", default=TrainOptions.out, help="checkpoint / metrics folder")
+    parser.add_argument("--init", help="start from these weights instead of random")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/latest")
+    parser.add_argument("--minutes", type=float, help="wall-clock budget of the training loop")
+    parser.add_argument("--steps", type=int, help="step budget")
+    parser.add_argument("--batch", type=int, default=TrainOptions.batch, help="per-GPU batch")
+    parser.add_argument("--clicks", type=int, default=TrainOptions.clicks)
+    parser.add_argument("--lr", type=float, default=TrainOptions.lr)
+    parser.add_argument("--decoder-lr", type=float)
+    parser.add_argument("--weight-decay", type=float, default=TrainOptions.weight_decay)
+    parser.add_argument(
+        "--freeze-encoder", action="store_true", help="train only the prompt encoder and decoder"
+    )
+    parser.add_argument(
+        "--crop", type=int, default=TrainOptions.crop, help="crop side (the model needs 128)"
+    )
+    parser.add_argument("--real-prob", type=float, default=TrainOptions.real_prob)
+    _add_runtime_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument(
+        "--attention",
+        choices=["math", "sdpa"],
+        help="encoder attention backend (default sdpa on CUDA)",
+    )
+    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=TrainOptions.seed)
+    parser.add_argument("--log-every", type=int, default=TrainOptions.log_every)
+    parser.add_argument("--save-every-minutes", type=float, default=TrainOptions.save_every_minutes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: build :class:`TrainOptions` from ``args`` and train."""
+    names = TrainOptions.__dataclass_fields__
+    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
+    path = train(options)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,169 @@
+"""Interactive training: loss, a toy run that learns, checkpoints and resume, DDP, the CLI."""
+
+import argparse
+import json
+import socket
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastsam3d import training
+from fastsam3d.modeling.configs import build_model, get_config
+from fastsam3d.training_runtime import (
+    Budget,
+    cosine_lr,
+    load_trained_model,
+    resolve_config,
+    setup_runtime,
+)
+
+TINY = get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """One nnU-Net case: a 2 mm volume with a box and a ball (image = 100 * label + 50)."""
+    root = tmp_path_factory.mktemp("train") / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    grid = np.indices((48, 48, 40))
+    labels = np.zeros((48, 48, 40), np.uint8)
+    labels[8:24, 10:30, 6:20] = 1
+    labels[((grid - np.array([34, 30, 26])[:, None, None, None]) ** 2).sum(0) < 64] = 2
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(labels, affine), str(root / "labelsTr" / "toy.nii.gz"))
+    image = labels.astype(np.float32) * 100 + 50
+    nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / "toy_0000.nii.gz"))
+    return root
+
+
+def options(dataset, tmp_path, **changes):
+    base = dict(
+        config="tiny",
+        data=[str(dataset)],
+        cache=str(dataset.parent / "cache"),
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch=1,
+        clicks=2,
+        log_every=1,
+    )
+    base.update(changes)
+    return training.TrainOptions(**base)
+
+
+def test_dice_ce_loss_is_small_for_a_perfect_prediction_and_respects_weights():
+    target = torch.zeros((2, 1, 4, 4, 4), dtype=torch.bool)
+    target[:, :, 1:3, 1:3, 1:3] = True
+    perfect = torch.where(target, 20.0, -20.0)
+    assert training.dice_ce_loss(perfect, target, torch.ones(2)) < 1e-3
+    wrong = -perfect
+    assert training.dice_ce_loss(wrong, target, torch.ones(2)) > 1.5
+    mixed = torch.cat([perfect[:1], wrong[1:]])
+    assert training.dice_ce_loss(mixed, target, torch.tensor([1.0, 0.0])) < 1e-3
+
+
+def test_cosine_schedule_and_budget():
+    assert cosine_lr(1.0, 0.0) < 0.05 and cosine_lr(1.0, 0.03) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 1.0) == pytest.approx(0.05)
+    budget = Budget(None, 10, start_step=5)
+    assert budget.progress == pytest.approx(0.5)
+
+
+def test_resolve_config_overrides():
+    config = resolve_config("tiny", ["depth=4", "global_attn_indexes=[1, 3]"])
+    assert config.depth == 4 and config.global_attn_indexes == (1, 3)
+
+
+def test_interactive_loss_decreases_on_a_toy_set():
+    torch.manual_seed(0)
+    model = build_model(TINY).train()
+    step = training.InteractiveStep(model, clicks=1)
+    image = torch.zeros((1, 1, 128, 128, 128))
+    target = torch.zeros_like(image, dtype=torch.bool)
+    target[:, :, 40:80, 50:90, 45:85] = True
+    image[target] = 2.0
+    image += 0.1 * torch.randn_like(image)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        generator = torch.Generator().manual_seed(0)
+        loss, _ = step(image, target, torch.ones(1, dtype=torch.bool), generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
+
+
+def test_train_writes_metrics_and_a_loadable_checkpoint_then_resumes(dataset, tmp_path):
+    final = training.train(options(dataset, tmp_path))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    model = load_trained_model(final)
+    assert model.config == TINY
+    latest = load_trained_model(run / "latest.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, latest.state_dict()[key])
+    training.train(options(dataset, tmp_path, steps=3, resume=True))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    resumed = load_trained_model(run / "latest.safetensors")
+    assert not torch.equal(resumed.image_encoder.pos_embed, model.image_encoder.pos_embed)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_path_with_world_size_one(dataset, tmp_path, monkeypatch):
+    for key, value in dict(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    ).items():
+        monkeypatch.setenv(key, value)
+    try:
+        final = training.train(options(dataset, tmp_path, steps=1, freeze_encoder=True))
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert setup_runtime().distributed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert final.is_file()
+
+
+def test_cli_train_runs_end_to_end(dataset, tmp_path):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    training.add_parser(sub)
+    out = tmp_path / "cli"
+    args = parser.parse_args(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            str(dataset),
+            "--cache",
+            str(dataset.parent / "cache"),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--clicks",
+            "1",
+        ]
+    )
+    assert args.func(args) == 0
+    assert (out / "final.safetensors").is_file() and (out / "latest.optim.safetensors").is_file()
