@@ -219,7 +219,7 @@ class Session:
                 ``settings.overwrite_committed`` (False: they are preserved).
 
         Returns:
-            The new label id (one more than the largest id in :attr:`labels`).
+            The new label id (one more than the largest id in :attr:`labels` or committed).
 
         Raises:
             SessionError: the current object is empty.
@@ -390,7 +390,9 @@ class Session:
         if box is None or not self._mask[box].any():
             raise SessionError("the current object is empty: add a positive point before commit()")
         overwrite = self._settings.overwrite_committed if overwrite is None else bool(overwrite)
-        label = int(self._labels.max()) + 1 if label is None else int(label)
+        if label is None:
+            used = [c.label for c in self._committed]
+            label = max([int(self._labels.max()), *used]) + 1
         if label > np.iinfo(self._labels.dtype).max:
             raise SessionError(f"label {label} does not fit the labels' dtype {self._labels.dtype}")
         mask, region = self._mask[box], self._labels[box]

@@ -1,0 +1,417 @@
+"""Session: ROI choice and embedding cache, prompts fed to the decoder, large objects,
+undo/redo/commit/reset, prompts JSON, precompute, bad clicks, the real CT and the tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import fastsam3d
+from fastsam3d import InputError, Session, SessionError, Volume
+from fastsam3d.cache import EmbeddingCache
+from fastsam3d.predictor import resolve_device
+from fastsam3d.roi import tile_origins
+from fastsam3d.session import SessionSettings
+from fastsam3d.stand_in import ThresholdModel
+
+DATA = Path(__file__).parent / "data"
+
+
+class Recorder(ThresholdModel):
+    """The stand-in, keeping each decode's inputs and low-res output and each encoder input."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.decodes: list[dict] = []
+        self.inputs: list[tuple] = []
+
+    def encode(self, x):
+        self.inputs.append(tuple(x.shape))
+        return super().encode(x)
+
+    def decode(self, embedding, points, labels, mask_input=None, multimask_output=False):
+        out = super().decode(embedding, points, labels, mask_input, multimask_output)
+        self.decodes.append(
+            {
+                "points": points[0].numpy().copy(),
+                "labels": labels[0].numpy().copy(),
+                "mask_input": None if mask_input is None else mask_input[0, 0].numpy().copy(),
+                "low": out[0][0, 0].numpy().copy(),
+            }
+        )
+        return out
+
+
+def _balls(shape=(70, 64, 60), spacing=(2.0, 2.0, 2.0), balls=((30, 30, 28, 9),)):
+    """A volume with bright balls (voxel centre i, j, k and radius in voxels) on 0."""
+    grid = np.indices(shape, dtype=np.float32)
+    array = np.zeros(shape, np.int16)
+    truths = []
+    for *centre, radius in balls:
+        dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
+        truths.append(dist < radius)
+        array[truths[-1]] = 100
+    return Volume(array, np.diag([*spacing, 1.0])), truths
+
+
+def _session(volume, model=None, **settings):
+    return Session(
+        model or Recorder(), volume, cache=EmbeddingCache(), settings=SessionSettings(**settings)
+    )
+
+
+def _dice(a, b) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _encodes(model) -> int:
+    return sum(1 for name, _ in model.calls if name == "encode")
+
+
+# ---------------------------------------------------------------- clicks, ROI, cache
+
+
+def test_first_click_centres_roi_and_returns_mask():
+    volume, (truth,) = _balls()
+    model = Recorder()
+    session = _session(volume, model)
+    mask = session.add_point((30, 30, 28))
+    assert mask.dtype == bool and mask.shape == volume.shape
+    assert _dice(mask, truth) > 0.95
+    grid_point = volume.model_grid().source_to_grid([30, 30, 28])
+    assert np.all(np.abs(session.roi.centre - grid_point) <= 2)
+    first = model.decodes[0]
+    assert first["mask_input"] is None  # the official first click: zero mask
+    assert model.inputs == [(1, 1, 128, 128, 128)]
+
+
+def test_encoder_runs_once_per_roi_and_previous_logits_are_fed_back():
+    volume, _ = _balls()
+    model = Recorder()
+    session = _session(volume, model)
+    session.add_point((30, 30, 28))
+    roi = session.roi
+    update = session.add_point_result((33, 29, 27))
+    assert session.roi == roi and update.encoded == 0 and _encodes(model) == 1
+    np.testing.assert_array_equal(model.decodes[1]["mask_input"], model.decodes[0]["low"])
+    # another session on the same volume and model reuses the cache
+    other = Session(model, volume, cache=session._predictor.cache)
+    assert other.add_point_result((30, 30, 28)).encoded == 0
+
+
+def test_roi_moves_for_clicks_outside_or_near_its_border():
+    volume, _ = _balls(shape=(160, 70, 60), balls=((30, 30, 28, 9), (130, 35, 30, 8)))
+    model = Recorder()
+    session = _session(volume, model, max_extra_rois=0)
+    session.add_point((30, 30, 28))
+    roi = session.roi
+    # 10 voxels (1.5 mm grid) inside the upper x border: stays
+    grid = volume.model_grid()
+    inner = grid.grid_to_source([roi.origin[0] + 127 - 10, *grid.source_to_grid([0, 30, 28])[1:]])
+    session.add_point(tuple(inner))
+    assert session.roi == roi
+    # 5 voxels from the border: moves (and re-centres)
+    near = grid.grid_to_source([roi.origin[0] + 127 - 5, *grid.source_to_grid([0, 30, 28])[1:]])
+    session.add_point(tuple(near), positive=False)
+    assert session.roi != roi
+    assert np.all(np.abs(session.roi.centre - grid.source_to_grid(near)) <= 2)
+    # far outside: moves again
+    session.add_point((130, 35, 30))
+    assert session.roi.contains(grid.source_to_grid([130, 35, 30]))
+    assert _encodes(model) == 3
+
+
+@pytest.mark.parametrize("policy,expected", [("newest", [1, 1, 1]), ("all", [1, 2, 3])])
+def test_point_policy(policy, expected):
+    volume, _ = _balls()
+    model = Recorder()
+    session = _session(volume, model, point_policy=policy)
+    for point, positive in [((30, 30, 28), True), ((31, 30, 28), False), ((29, 31, 27), True)]:
+        session.add_point(point, positive)
+    assert [len(d["points"]) for d in model.decodes] == expected
+    assert model.decodes[-1]["labels"].tolist() == ([1] if policy == "newest" else [1, 0, 1])
+    assert model.decodes[-1]["points"].dtype == np.float32
+
+
+def test_update_box_holds_every_change_and_labels_are_untouched():
+    volume, _ = _balls(shape=(150, 80, 60), balls=((30, 30, 28, 9), (120, 40, 30, 8)))
+    session = _session(volume, max_extra_rois=0)
+    session.add_point((30, 30, 28))
+    before = session.mask.copy()
+    update = session.add_point_result((120, 40, 30))
+    changed = np.argwhere(before != session.mask)
+    assert len(changed)
+    lo = np.array([s.start for s in update.box])
+    hi = np.array([s.stop for s in update.box])
+    assert np.all(changed >= lo) and np.all(changed < hi)
+    np.testing.assert_array_equal(update.mask, session.mask[update.box])
+    assert not update.labels_changed and not session.labels.any()
+
+
+# ---------------------------------------------------------------- objects larger than one ROI
+
+
+def _tube():
+    """A 400 mm long tube (like an aorta) in a 2 x 2 x 3 mm volume: about 2 ROIs long."""
+    shape, spacing = (50, 50, 150), (2.0, 2.0, 3.0)
+    i, j, k = np.indices(shape)
+    truth = ((i - 25) ** 2 + (j - 22) ** 2 < 36) & (k > 8) & (k < 141)
+    return Volume(np.where(truth, 100, 0).astype(np.int16), np.diag([*spacing, 1])), truth
+
+
+def test_large_object_continues_into_neighbouring_rois():
+    volume, truth = _tube()
+    single = _session(volume, max_extra_rois=0)
+    partial = single.add_point((25, 22, 75))
+    assert _dice(partial, truth) < 0.8
+    session = _session(volume)
+    update = session.add_point_result((25, 22, 75))
+    assert len(update.rois) >= 3 and update.encoded == len(update.rois)
+    assert _dice(session.mask, truth) > 0.95
+    ks = np.nonzero(session.mask.any(axis=(0, 1)))[0]
+    assert ks[0] == 9 and ks[-1] == 140
+
+
+def test_continuation_is_bounded_and_seeded_with_the_mask():
+    volume, truth = _tube()
+    model = Recorder()
+    session = _session(volume, model, max_extra_rois=1)
+    update = session.add_point_result((25, 22, 75))
+    assert len(update.rois) == 2
+    seeded = model.decodes[1]
+    assert seeded["mask_input"] is not None and (seeded["mask_input"] > 0).any()
+    assert seeded["labels"].tolist() == [1]
+
+
+def test_liver_from_real_labels_comes_out_whole():
+    """The real TotalSegmentator liver (195 x 186 x 90 mm) through geometry + continuation."""
+    seg = nib.load(DATA / "example_seg.nii.gz")
+    liver = np.asarray(seg.dataobj) == 5
+    volume = Volume(np.where(liver, 100, 0).astype(np.int16), seg.affine)
+    session = _session(volume)
+    click = tuple(int(v) for v in np.argwhere(liver)[len(np.argwhere(liver)) // 2])
+    update = session.add_point_result(click)
+    assert len(update.rois) >= 2
+    assert _dice(session.mask, liver) > 0.9
+
+
+# ---------------------------------------------------------------- undo, redo, reset, commit
+
+
+def test_undo_redo_many_levels():
+    volume, (a, b) = _balls(balls=((20, 20, 20, 6), (45, 40, 38, 6)))
+    session = _session(volume)
+    states = [session.mask.copy()]
+    for point, positive in [((20, 20, 20), True), ((45, 40, 38), True), ((20, 20, 20), False)]:
+        states.append(session.add_point(point, positive))
+    assert states[2].sum() > states[1].sum() > 0 and states[3].sum() < states[2].sum()
+    np.testing.assert_array_equal(session.undo(), states[2])
+    np.testing.assert_array_equal(session.undo(), states[1])
+    np.testing.assert_array_equal(session.undo(), states[0])
+    with pytest.raises(SessionError, match="nothing to undo"):
+        session.undo()
+    np.testing.assert_array_equal(session.redo(), states[1])
+    np.testing.assert_array_equal(session.redo(), states[2])
+    assert len(session.clicks) == 2
+    session.add_point((45, 40, 38), positive=False)
+    with pytest.raises(SessionError, match="nothing to redo"):
+        session.redo()
+
+
+def test_commit_keeps_objects_and_preserves_them_unless_asked():
+    volume, (a, b) = _balls(balls=((20, 20, 20, 6), (45, 40, 38, 6)))
+    session = _session(volume)
+    session.add_point((20, 20, 20))
+    assert session.commit() == 1
+    assert not session.mask.any() and not session.clicks
+    assert session.last_update.labels_changed and session.last_update.label == 1
+    session.add_point((45, 40, 38))
+    assert session.commit() == 2
+    labels = session.labels
+    assert labels.dtype == np.uint16 and labels.shape == volume.shape
+    assert _dice(labels == 1, a) > 0.85 and _dice(labels == 2, b) > 0.85
+    # an object covering both: earlier objects are preserved unless overwrite=True
+    merged = Session(Recorder(connected=False), volume, cache=EmbeddingCache(), labels=labels)
+    before = labels.copy()
+    mask = merged.add_point((20, 20, 20))
+    assert (mask & (before == 1)).any() and (mask & (before == 2)).any()
+    assert merged.commit() == 3
+    np.testing.assert_array_equal(labels[before != 0], before[before != 0])
+    assert np.all(labels[mask & (before == 0)] == 3)
+    before = labels.copy()
+    mask = merged.add_point((20, 20, 20))
+    assert merged.commit(overwrite=True) == 4
+    assert np.all(labels[mask] == 4)
+    np.testing.assert_array_equal(labels[~mask], before[~mask])
+    with pytest.raises(SessionError, match="empty"):
+        merged.commit()
+
+
+def test_reset_clears_current_object_only():
+    volume, _ = _balls(balls=((20, 20, 20, 6), (45, 40, 38, 6)))
+    session = _session(volume)
+    session.add_point((20, 20, 20))
+    session.commit()
+    session.add_point((45, 40, 38))
+    update = session.reset()
+    assert not session.mask.any() and not session.clicks and not update.empty
+    assert session.labels.any()
+    with pytest.raises(SessionError):
+        session.undo()
+
+
+def test_labels_passed_in_are_written_in_place():
+    volume, _ = _balls()
+    labels = np.zeros(volume.shape, np.int32)
+    labels[0, 0, 0] = 7
+    session = Session(Recorder(), volume, cache=EmbeddingCache(), labels=labels)
+    session.add_point((30, 30, 28))
+    assert session.commit() == 8 and (labels == 8).any()
+    with pytest.raises(InputError):
+        Session(Recorder(), volume, labels=np.zeros((3, 3, 3), np.int32))
+
+
+# ---------------------------------------------------------------- prompts JSON
+
+
+def _annotate(session):
+    session.add_point((20, 20, 20))
+    session.add_point((28, 20, 20), positive=False)
+    session.commit()
+    session.add_point((45, 40, 38))
+    session.add_point((20, 20, 20))
+    session.undo()  # undone clicks are not part of the annotation
+
+
+def test_prompts_json_round_trip(tmp_path):
+    volume, _ = _balls(balls=((20, 20, 20, 6), (45, 40, 38, 6)))
+    model = Recorder()
+    session = _session(volume, model, point_policy="all")
+    _annotate(session)
+    text = session.prompts_to_json(tmp_path / "p.json")
+    doc = json.loads(text)
+    assert doc["format"] == "fastsam3d-prompts" and len(doc["objects"]) == 2
+    assert doc["settings"]["point_policy"] == "all"
+    for source in (text, tmp_path / "p.json", doc):
+        replayed = Session.from_json(source, model, volume, cache=EmbeddingCache())
+        np.testing.assert_array_equal(replayed.labels, session.labels)
+        np.testing.assert_array_equal(replayed.mask, session.mask)
+        assert replayed.clicks == session.clicks and replayed.settings == session.settings
+    fresh = _session(volume, model)
+    assert fresh.from_json(text) is fresh
+    np.testing.assert_array_equal(fresh.mask, session.mask)
+    assert json.loads(fresh.prompts_to_json()) == doc
+
+
+def test_prompts_json_errors():
+    volume, _ = _balls(balls=((20, 20, 20, 6), (45, 40, 38, 6)))
+    session = _session(volume)
+    _annotate(session)
+    text = session.prompts_to_json()
+    with pytest.raises(SessionError, match="fresh Session"):
+        session.from_json(text)
+    other, _ = _balls(shape=(40, 40, 40))
+    with pytest.raises(InputError, match="shape"):
+        _session(other).from_json(text)
+    with pytest.raises(InputError):
+        _session(volume).from_json('{"format": "something-else"}')
+    with pytest.raises(InputError):
+        _session(volume).from_json("{not json")
+
+
+# ---------------------------------------------------------------- precompute
+
+
+def test_precompute_encodes_every_tile_then_clicks_only_decode():
+    volume, _ = _balls(shape=(140, 64, 60))
+    model = Recorder()
+    session = _session(volume, model)
+    seen = []
+    job = session.precompute(progress=lambda done, total: seen.append((done, total)))
+    assert job.wait(60) and job.completed == job.total == len(
+        tile_origins(volume.model_grid().shape)
+    )
+    assert seen[-1] == (job.total, job.total) and _encodes(model) == job.total
+    update = session.add_point_result((30, 30, 28))
+    assert update.encoded == 0 and _encodes(model) == job.total
+
+
+def test_precompute_can_be_cancelled():
+    volume, _ = _balls(shape=(200, 64, 60))
+    model = Recorder()
+    session = _session(volume, model)
+    jobs, calls = [], []
+    gate = threading.Event()
+
+    def progress(done, total):
+        calls.append(done)
+        gate.wait(10)
+        jobs[0].cancel()
+
+    jobs.append(session.precompute(progress=progress))
+    gate.set()
+    assert jobs[0].wait(30) and jobs[0].cancelled
+    assert calls == [1] and jobs[0].completed == 1 < jobs[0].total
+
+
+# ---------------------------------------------------------------- bad input, devices, memory
+
+
+@pytest.mark.parametrize(
+    "point", [(-1, 5, 5), (5, 5, 60), (70, 0, 0), (1, 2), (1, 2, 3, 4), (np.nan, 1, 1), "abc"]
+)
+def test_bad_clicks_raise_input_error(point):
+    volume, _ = _balls()
+    with pytest.raises(InputError):
+        _session(volume).add_point(point)
+
+
+def test_settings_and_devices_are_checked():
+    with pytest.raises(InputError, match="point_policy"):
+        SessionSettings(point_policy="some")
+    assert resolve_device(None) == torch.device("cpu")  # CI machines have neither CUDA nor MPS
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            resolve_device("cuda")
+    volume, _ = _balls()
+    with pytest.raises(InputError, match="Volume"):
+        Session(Recorder(), volume.array)
+
+
+def test_huge_volumes_are_sampled_per_roi(monkeypatch):
+    """Above the size limit no whole-volume copy is made; the model input stays 128^3."""
+    volume, truth = _tube()
+    reference = _session(volume).add_point((25, 22, 75))
+    monkeypatch.setattr(fastsam3d.geometry, "MAX_RESAMPLED_VOXELS", 1000)
+    fresh = Volume(np.asarray(volume.array), volume.affine)
+    model = Recorder()
+    mask = _session(fresh, model).add_point((25, 22, 75))
+    assert fresh.resampled() is None and not fresh._resampled
+    assert set(model.inputs) == {(1, 1, 128, 128, 128)}
+    np.testing.assert_array_equal(mask, reference)
+
+
+# ---------------------------------------------------------------- real CT with the tiny model
+
+
+def test_real_ct_with_tiny_model():
+    from fastsam3d.modeling.configs import get_config
+
+    volume = Volume.from_file(DATA / "example_ct_sm.nii.gz")
+    model = fastsam3d.build_model(get_config("tiny")).eval()
+    session = Session(
+        model, volume, "cpu", cache=EmbeddingCache(), settings=SessionSettings(max_extra_rois=0)
+    )
+    assert session.device == torch.device("cpu")
+    mask = session.add_point((60, 50, 15))
+    update = session.add_point_result((62, 48, 14), positive=False)
+    assert mask.shape == volume.shape and update.encoded == 0
+    assert update.iou is not None and np.isfinite(update.iou)
+    np.testing.assert_array_equal(update.mask, session.mask[update.box])
+    assert session.undo().shape == volume.shape
