@@ -105,7 +105,6 @@ def make_prompts_layer(image_layer: Image) -> Points:
         face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR},
         border_color="white",
         size=float(max(3.0 * spacing.max(), 1.0)),
-        out_of_slice_display=True,
     )
     layer.feature_defaults = {POSITIVE: True}
     return layer
@@ -158,3 +157,33 @@ def merge_object(old: np.ndarray, mask: np.ndarray, object_id: int) -> np.ndarra
     new[old == object_id] = 0
     new[mask & (new == 0)] = object_id
     return new
+
+
+def apply_visibility(labels_layer: Labels, objects: dict, cyclic: Any = None) -> Any:
+    """Hide the objects whose record says ``visible=False`` (a transparent colour), show others.
+
+    Args:
+        labels_layer: the labels.
+        objects: object id -> record with a ``visible`` attribute.
+        cyclic: the layer's own cyclic colormap saved by an earlier call (None the first time).
+
+    Returns:
+        The cyclic colormap to pass next time; it is restored once every object is visible,
+        so that ids keep their colours.
+    """
+    from napari.utils.colormaps import CyclicLabelColormap, DirectLabelColormap
+
+    if isinstance(labels_layer.colormap, CyclicLabelColormap):
+        cyclic = labels_layer.colormap
+    if cyclic is None:
+        return None
+    hidden = {i for i, record in objects.items() if not record.visible}
+    if not hidden:
+        labels_layer.colormap = cyclic
+        return cyclic
+    ids = np.arange(1, max(objects, default=0) + 65)
+    table = {0: np.zeros(4), None: np.zeros(4)}
+    for i, color in zip(ids.tolist(), cyclic.map(ids), strict=True):
+        table[i] = np.zeros(4) if i in hidden else color
+    labels_layer.colormap = DirectLabelColormap(color_dict=table)
+    return cyclic

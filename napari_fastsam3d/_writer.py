@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fastsam3d.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import hashlib
 import nibabel as nib
 import numpy as np
 import pytest
-from fastsam3d.errors import InputError
 from napari.layers import Image
 from nifti_helpers import blob_volume, write_nifti
 
+from fastsam3d.errors import InputError
 from napari_fastsam3d._layers import make_labels_layer
 from napari_fastsam3d._reader import napari_get_reader
 from napari_fastsam3d._writer import write_labels

@@ -1,0 +1,289 @@
+"""The model thread's side of the plugin: model, ``fastsam3d.Session`` and prompt reconciliation.
+
+Used only from the model thread (:mod:`._worker`). The GUI sends full prompt snapshots; the
+engine turns the difference to what the session holds into ``add_point`` calls (or a reset and
+a replay when points were moved or removed) and reports the union of the changed boxes. No Qt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._state import Box, CacheInfo, Prompt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+ENV_MODEL = "NAPARI_FASTSAM3D_MODEL"
+
+
+@dataclass(frozen=True)
+class Change:
+    """The current object's mask inside ``box`` after a call, and the prompts behind it."""
+
+    object_id: int
+    box: Box
+    mask: np.ndarray
+    prompts: tuple[Prompt, ...]
+    voxels: int
+    cache: CacheInfo
+
+
+def _key(prompts) -> list[tuple]:
+    return [(p.index, p.positive) for p in prompts]
+
+
+def _union(a: Box | None, b: Box | None) -> Box | None:
+    boxes = [x for x in (a, b) if x is not None and all(s.stop > s.start for s in x)]
+    if not boxes:
+        return None
+    return tuple(
+        slice(min(x[i].start for x in boxes), max(x[i].stop for x in boxes)) for i in range(3)
+    )
+
+
+class Engine:
+    """Model + session owner. Every method runs on the model thread.
+
+    Args:
+        progress: ``progress(task, done, total)``; may raise to cancel the running task.
+        cancelled: whether the user asked to cancel (checked between encoder blocks).
+    """
+
+    def __init__(self, progress: Callable[[str, int, int], None], cancelled: Callable[[], bool]):
+        self._progress = progress
+        self._cancelled = cancelled
+        self.model: Any = None
+        self.model_name: str | None = None
+        self.device: str | None = None
+        self.session: Any = None
+        self._prompts: list[Prompt] = []
+        self._redo: list[Prompt] = []
+        self._touched: Box | None = None
+        self._last_hit: bool | None = None
+        self._hooks: list[Any] = []
+        self._next_id = 1
+
+    # ------------------------------------------------------------ model and volume
+
+    def devices(self) -> tuple[str, ...]:
+        """Devices torch can use here, best first."""
+        import torch
+
+        found = []
+        if torch.cuda.is_available():
+            found.append("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            found.append("mps")
+        return (*found, "cpu")
+
+    def load(self, source: Any, device: str) -> tuple[str, str, float]:
+        """Load a model (registry name, path, or an ``nn.Module``), move it, warm it up.
+
+        Returns:
+            (display name, device used, warm-up milliseconds).
+        """
+        from fastsam3d.predictor import resolve_device
+
+        used = resolve_device(device)
+        if hasattr(source, "encode") and hasattr(source, "decode"):
+            model, name = source, getattr(getattr(source, "config", None), "name", "custom")
+        else:
+            model, name = self._load_weights(str(source), used), _display_name(str(source))
+        self._detach_hooks()
+        self.session = None  # a session belongs to one model: the GUI opens a new one
+        self.model, self.model_name, self.device = model.to(used), name, str(used)
+        warmup_ms = self._warm_up()
+        self._attach_hooks()
+        return name, self.device, warmup_ms
+
+    def _load_weights(self, source: str, device) -> Any:
+        import fastsam3d
+        from fastsam3d.checkpoints import REGISTRY
+        from fastsam3d.errors import CheckpointError
+
+        if source == DEFAULT_MODEL and source not in REGISTRY:
+            raise CheckpointError(
+                "the bundled default weights are not part of this release yet. Choose "
+                "'FastSAM3D (download)' or 'Local file…' in the FastSAM3D panel, or set "
+                f"${ENV_MODEL} to a weights file."
+            )
+
+        def report(done: int, total: int) -> None:
+            self._progress("download", int(done), int(total))
+
+        return fastsam3d.load_model(source, device=device, progress=report)
+
+    def _warm_up(self) -> float:
+        """One encoder and one decoder call on zeros, so that the first click is not slow."""
+        import torch
+
+        size = int(getattr(getattr(self.model, "config", None), "image_size", 128))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.zeros((1, 1, size, size, size), device=self.device)
+            emb = self.model.encode(x)
+            centre = torch.full((1, 1, 3), size / 2, device=self.device)
+            self.model.decode(emb, centre, torch.ones((1, 1), dtype=torch.int64))
+        if self.device and self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def _attach_hooks(self) -> None:
+        """Encoder progress and cancellation, one step per transformer block."""
+        blocks = getattr(getattr(self.model, "image_encoder", None), "blocks", None)
+        if blocks is None:
+            return
+        total = len(blocks)
+        for i, block in enumerate(blocks):
+
+            def hook(_module, _inputs, i=i):
+                self._progress("encoding", i, total)
+
+            self._hooks.append(block.register_forward_pre_hook(hook))
+
+    def _detach_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def open(self, array: Any, affine: Any, labels: np.ndarray | None = None) -> None:
+        """Start a session on a volume; ``labels`` seeds the committed objects (copied)."""
+        import fastsam3d
+
+        if self.model is None:
+            raise _session_error("load a model first (choose one in the FastSAM3D panel)")
+        volume = fastsam3d.Volume(np.asarray(array), np.asarray(affine, dtype=np.float64))
+        seed = None if labels is None else np.array(labels, dtype=np.uint16)
+        self.session = fastsam3d.Session(self.model, volume, device=self.device, labels=seed)
+        self._prompts, self._redo, self._touched, self._last_hit = [], [], None, None
+        self._next_id = 1 if seed is None else int(seed.max(initial=0)) + 1
+
+    @property
+    def has_session(self) -> bool:
+        return self.session is not None
+
+    @property
+    def current_id(self) -> int:
+        """The id the current object will get on commit (the session's largest id + 1)."""
+        return self._next_id
+
+    # ------------------------------------------------------------ prompts
+
+    def apply_prompts(self, object_id: int, prompts: tuple[Prompt, ...]) -> Change | None:
+        """Make the session hold exactly ``prompts`` for the current object.
+
+        Returns None when nothing changed or the request is for an object already committed.
+        """
+        self._require_session()
+        if object_id != self.current_id:
+            logger.debug("dropping prompts for object %d (current %d)", object_id, self.current_id)
+            return None
+        if _key(prompts) == _key(self._prompts):
+            self._prompts = list(prompts)
+            return None
+        box = None
+        if _key(prompts[: len(self._prompts)]) != _key(self._prompts):
+            box = _union(box, self.session.reset().box)
+            self._prompts, self._touched = [], None
+        for prompt in prompts[len(self._prompts):]:
+            update = self.session.add_point_result(prompt.index, prompt.positive)
+            self._prompts.append(prompt)
+            self._redo = []
+            self._note(update)
+            box = _union(box, update.box)
+        return self._change(box)
+
+    def undo(self) -> Change | None:
+        self._require_session()
+        if not self.session.can_undo:
+            return None
+        update = self.session.undo_result()
+        self._redo.append(self._prompts.pop())
+        return self._change(update.box)
+
+    def redo(self) -> Change | None:
+        self._require_session()
+        if not self.session.can_redo:
+            return None
+        update = self.session.redo_result()
+        self._prompts.append(self._redo.pop())
+        return self._change(update.box)
+
+    def reset(self) -> Change | None:
+        self._require_session()
+        update = self.session.reset()
+        self._prompts, self._redo, self._touched = [], [], None
+        return self._change(update.box)
+
+    def commit(self) -> tuple[int, int, int, Box, np.ndarray]:
+        """Commit the current object.
+
+        Returns:
+            (its id, its voxel count, the next object's id, the changed box, the session's
+            label map inside that box).
+        """
+        self._require_session()
+        voxels = self._voxels()
+        object_id = int(self.session.commit())
+        box = self.session.last_update.box
+        self._prompts, self._redo, self._touched = [], [], None
+        self._next_id = max(self._next_id, object_id + 1)
+        return object_id, voxels, self._next_id, box, np.array(self.session.labels[box])
+
+    def current_change(self) -> Change:
+        """The current state, for resynchronising the GUI after a failure."""
+        return self._change(self._touched)
+
+    def close(self) -> None:
+        self._detach_hooks()
+        self.session = self.model = None
+
+    # ------------------------------------------------------------ internals
+
+    def _require_session(self) -> None:
+        if self.session is None:
+            raise _session_error("no image is open in the FastSAM3D panel yet: choose an image")
+
+    def _note(self, update) -> None:
+        self._touched = _union(self._touched, update.box)
+        if update.rois:
+            self._last_hit = update.encoded == 0
+
+    def _voxels(self) -> int:
+        if self._touched is None:
+            return 0
+        return int(np.count_nonzero(self.session.mask[self._touched]))
+
+    def _change(self, box: Box | None) -> Change:
+        if box is None:
+            box = (slice(0, 0),) * 3
+        self._touched = _union(self._touched, box)
+        from fastsam3d.cache import DEFAULT_CACHE
+
+        return Change(
+            object_id=self.current_id,
+            box=box,
+            mask=np.array(self.session.mask[box], dtype=bool),
+            prompts=tuple(self._prompts),
+            voxels=self._voxels(),
+            cache=CacheInfo(len(DEFAULT_CACHE), self._last_hit),
+        )
+
+
+def _display_name(source: str) -> str:
+    return os.path.basename(source) if os.path.sep in source else source
+
+
+def _session_error(message: str) -> Exception:
+    from fastsam3d.errors import SessionError
+
+    return SessionError(message)

@@ -1,0 +1,437 @@
+"""The FastSAM3D dock widget: controls, and the GUI side of every interaction.
+
+The GUI thread never runs torch: it sends prompt snapshots to the model thread
+(:class:`._worker.ModelWorker`) and applies the results it gets back through a queued Qt signal,
+writing the Labels layer only inside the changed box. Per-widget state is a
+:class:`._state.PluginState`, replaced as a whole when the image changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels, Points
+from napari.utils.events import Event
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from . import _layers, _prompts
+from ._engine import DEFAULT_MODEL, ENV_MODEL
+from ._panel import Panel
+from ._state import (
+    Committed,
+    DevicesFound,
+    Failure,
+    MaskUpdate,
+    ModelReady,
+    ObjectRecord,
+    PluginState,
+    Progress,
+    VolumeReady,
+)
+from ._worker import DecodeRequest, ModelWorker
+
+logger = logging.getLogger(__name__)
+
+_USER_ERRORS = ("load_model", "set_volume")
+
+
+class _Bridge(QObject):
+    """Carries model-thread messages to the GUI thread (queued connection)."""
+
+    message = Signal(object)
+
+
+class _Outbox:
+    """The model thread's only way to the GUI: emits on a parentless bridge until closed.
+
+    The bridge has no Qt parent, so it outlives the widget; :meth:`close` (GUI thread) stops all
+    further emits under a lock and then schedules the bridge's deletion on the GUI thread.
+    """
+
+    def __init__(self) -> None:
+        self.bridge = _Bridge()
+        self._lock = threading.Lock()
+        self._open = True
+
+    def __call__(self, message: object) -> None:
+        with self._lock:
+            if not self._open:
+                raise RuntimeError("the FastSAM3D widget is closed")
+            self.bridge.message.emit(message)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+        self.bridge.deleteLater()
+
+
+class FastSAM3DWidget(Panel):
+    """Interactive FastSAM3D segmentation of the chosen image layer.
+
+    Args:
+        napari_viewer: the viewer (napari passes it).
+        model: what to load at start: a registry name, a path, a ``Sam3D``-like module, "" for
+            nothing; default ``$NAPARI_FASTSAM3D_MODEL`` or the bundled default.
+        device: "auto" (cuda > mps > cpu), "cuda", "mps" or "cpu".
+    """
+
+    def __init__(self, napari_viewer: Any, model: Any = None, device: str = "auto") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = PluginState()
+        self._image: Image | None = None
+        self._session_ready = False
+        self._syncing = False
+        self._progress_bars: dict[str, Any] = {}
+        self._outbox = _Outbox()
+        self._outbox.bridge.message.connect(self._on_message)
+        self.worker = ModelWorker(self._outbox)
+        self.destroyed.connect(_closer(self._outbox, self.worker))
+        self._bound_layers: set[int] = set()
+        self._connect_panel()
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            emitter.connect(self._refresh_images)
+        self._refresh_images()
+        self._autoload(model, device)
+
+    def close_worker(self) -> None:
+        """Stop the model thread (also done when the widget is destroyed)."""
+        _closer(self._outbox, self.worker)()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.close_worker()
+        super().closeEvent(event)
+
+    # ------------------------------------------------------------ public actions
+
+    def load_model(self, source: Any, device: str | None = None) -> None:
+        """Load a model on the model thread (registry name, file path or module)."""
+        self.state.model_name, self._session_ready = None, False
+        label = source if isinstance(source, str) else type(source).__name__
+        self.set_status(f"loading model {label} …")
+        self.worker.load_model(source, device or self.device_choice())
+
+    def set_image(self, layer: Image) -> None:
+        """Segment this image layer (3D); makes the prompts and labels layers for it."""
+        if layer is self._image:
+            return
+        if layer.ndim != 3 or getattr(layer, "rgb", False) or layer.multiscale:
+            show_warning(f"FastSAM3D needs a single-channel 3D image; {layer.name!r} is not one.")
+            return
+        self._image = layer
+        self.state = PluginState(
+            image_key=f"{layer.name}@{id(layer):x}",
+            model_name=self.state.model_name,
+            device=self.state.device,
+        )
+        self.labels_layer = self._ensure_labels(layer)
+        self.prompts_layer = self._ensure_prompts(layer)
+        self._load_objects()
+        self.select_image(layer.name)
+        self._open_session()
+
+    def commit(self) -> None:
+        """Commit the current object (keeps its voxels) and start the next one."""
+        if self._image is None or not len(self.prompts_layer.data):
+            show_info("FastSAM3D: add a positive point before committing an object.")
+            return
+        self.worker.commit()
+
+    def undo(self) -> None:
+        self.worker.undo()
+
+    def redo(self) -> None:
+        self.worker.redo()
+
+    def reset_object(self) -> None:
+        self.worker.reset()
+
+    def toggle_polarity(self) -> None:
+        self.negative_box.setChecked(not self.negative_box.isChecked())
+
+    def cancel(self) -> None:
+        self.worker.cancel()
+
+    def export_labels(self, path: str) -> list[str]:
+        """Save ``FastSAM3D labels`` through the plugin's NIfTI writer (source affine, header)."""
+        try:
+            written = self.labels_layer.save(path, plugin="napari-fastsam3d")
+        except Exception as err:
+            show_error(f"FastSAM3D export failed: {err}")
+            return []
+        show_info(f"FastSAM3D labels saved to {', '.join(written)}")
+        return written
+
+    def default_export_path(self) -> str:
+        """``<image>_labels.nii.gz`` beside the source file (or in the working folder)."""
+        source = self._image.metadata.get("source_path") if self._image is not None else None
+        if not source:
+            return os.path.abspath("fastsam3d_labels.nii.gz")
+        stem = os.path.basename(source)
+        for suffix in (".nii.gz", ".nii"):
+            stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
+        return os.path.join(os.path.dirname(source), f"{stem}_labels.nii.gz")
+
+    # ------------------------------------------------------------ layers
+
+    def _ensure_labels(self, image: Image) -> Labels:
+        layer = _layers.find_layer(self.viewer, _layers.LABELS_NAME, Labels)
+        if layer is not None and layer.data.shape == image.data.shape:
+            return layer
+        if layer is not None:  # belongs to another image: keep it under another name
+            layer.name = f"{_layers.LABELS_NAME} ({layer.metadata.get('image_layer', 'old')})"
+        return self.viewer.add_layer(_layers.make_labels_layer(image))
+
+    def _ensure_prompts(self, image: Image) -> Points:
+        layer = _layers.find_layer(self.viewer, _layers.PROMPTS_NAME, Points)
+        if layer is None:
+            layer = self.viewer.add_layer(_layers.make_prompts_layer(image))
+        else:
+            self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+            with self._sync():
+                _prompts.show_prompts(layer, ())
+        if id(layer) not in self._bound_layers:
+            layer.events.data.connect(self._on_prompts_changed)
+            layer.mouse_drag_callbacks.insert(
+                0, _prompts.polarity_callback(lambda: self.state.negative_mode, self._on_3d_click)
+            )
+            _prompts.bind_shortcuts(layer, {
+                "toggle_polarity": self.toggle_polarity, "commit": self.commit,
+                "undo": self.undo, "redo": self.redo, "reset": self.reset_object,
+            })
+            self._bound_layers.add(id(layer))
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add"
+        return layer
+
+    def _load_objects(self) -> None:
+        ids, counts = np.unique(self.labels_layer.data, return_counts=True)
+        self.state.objects = {
+            int(i): ObjectRecord(int(i), int(n)) for i, n in zip(ids, counts, strict=True) if i
+        }
+        self.state.current_id = max(self.state.objects, default=0) + 1
+        self._refresh_table()
+
+    def _open_session(self) -> None:
+        """Start an engine session on the current image (after a model is ready)."""
+        self._session_ready = False
+        if self._image is None or self.state.model_name is None:
+            return
+        seed = np.array(self.labels_layer.data, dtype=np.uint16)
+        seed[seed == self.state.current_id] = 0
+        self.worker.set_volume(
+            self._image.data, _layers.image_affine(self._image), self.state.image_key, seed
+        )
+        self.set_status("preparing the image …")
+
+    # ------------------------------------------------------------ prompts -> model thread
+
+    def _on_prompts_changed(self, event: Event) -> None:
+        if self._syncing or getattr(event, "action", "changed") not in (
+            "added", "removed", "changed"
+        ):
+            return
+        if event.action == "added" and self._reject_3d:
+            self._reject_3d = False
+            return self._drop_rows(list(range(len(self.prompts_layer.data)))[-1:])
+        if event.action == "added":  # napari copies the new point's features into the defaults
+            QTimer.singleShot(0, self._restore_polarity)
+        self._send_prompts()
+
+    def _restore_polarity(self) -> None:
+        if self._image is not None:
+            _prompts.set_default_polarity(self.prompts_layer, not self.state.negative_mode)
+
+    _reject_3d = False
+
+    def _on_3d_click(self) -> None:
+        self._reject_3d = True
+        show_info("FastSAM3D: switch to the 2D view (Ctrl+Y) to place prompts on a slice.")
+
+    def _send_prompts(self) -> None:
+        if self._image is None:
+            return
+        prompts, outside = _prompts.snapshot(self.prompts_layer, self._image)
+        if outside:
+            show_warning("FastSAM3D: points outside the image were removed.")
+            self._drop_rows(outside)
+        if not self._session_ready:
+            if self.state.model_name is None:
+                show_info("FastSAM3D: load a model first; your points are kept.")
+            return
+        seq = self.state.next_seq()
+        self.worker.decode(DecodeRequest(seq, self.state.current_id, prompts, time.perf_counter()))
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        keep = np.setdiff1d(np.arange(len(self.prompts_layer.data)), rows)
+        with self._sync():
+            self.prompts_layer.selected_data = set()
+            self.prompts_layer.data = self.prompts_layer.data[keep]
+
+    def _sync(self):
+        widget = self
+
+        class _Guard:
+            def __enter__(self):
+                widget._syncing = True
+
+            def __exit__(self, *exc):
+                widget._syncing = False
+
+        return _Guard()
+
+    # ------------------------------------------------------------ results from the model thread
+
+    def _on_message(self, message: object) -> None:
+        try:
+            handler = getattr(self, f"_on_{type(message).__name__}")
+            handler(message)
+        except Exception as err:  # a bug here must not take napari down
+            logger.exception("FastSAM3D: handling %s failed", type(message).__name__)
+            show_error(f"FastSAM3D: {type(err).__name__}: {err}")
+
+    def _on_DevicesFound(self, message: DevicesFound) -> None:
+        self.set_devices(message.devices)
+
+    def _on_ModelReady(self, message: ModelReady) -> None:
+        self.state.model_name, self.state.device = message.name, message.device
+        show_info(f"FastSAM3D: model {message.name} ready on {message.device} "
+                  f"(warm-up {message.warmup_ms:.0f} ms)")
+        self._open_session()
+        self.refresh_status()
+
+    def _on_VolumeReady(self, message: VolumeReady) -> None:
+        if message.key != self.state.image_key:
+            return
+        self._session_ready = True
+        self.state.current_id = message.next_id
+        self.labels_layer.selected_label = message.next_id
+        self.refresh_status()
+        if len(self.prompts_layer.data):
+            self._send_prompts()
+
+    def _on_MaskUpdate(self, message: MaskUpdate) -> None:
+        if message.object_id != self.state.current_id or self._image is None:
+            return
+        old = self.labels_layer.data[message.box]
+        _layers.paste_box(
+            self.labels_layer, message.box,
+            _layers.merge_object(old, message.mask, message.object_id),
+        )
+        if message.resync:
+            with self._sync():
+                _prompts.show_prompts(self.prompts_layer, message.prompts)
+        else:
+            self.state.last_latency_ms = (time.perf_counter() - message.sent_at) * 1e3
+            self.state.shown_seq = message.seq
+        self.state.cache = message.cache or self.state.cache
+        self.current_voxels = message.voxels
+        self._refresh_table()
+        self.refresh_status()
+
+    def _on_Committed(self, message: Committed) -> None:
+        block = np.array(self.labels_layer.data[message.box])
+        block[block == self.state.current_id] = 0
+        block[message.labels == message.object_id] = message.object_id
+        _layers.paste_box(self.labels_layer, message.box, block)
+        self.state.objects[message.object_id] = ObjectRecord(message.object_id, message.voxels)
+        self.state.current_id = message.next_id
+        self.labels_layer.selected_label = message.next_id
+        self.current_voxels = 0
+        with self._sync():
+            _prompts.show_prompts(self.prompts_layer, ())
+        self._refresh_table()
+        self.refresh_status()
+
+    def _on_Progress(self, message: Progress) -> None:
+        if message.finished:
+            self._close_progress()
+            return
+        bar = self._progress_bars.get(message.task)
+        if bar is None:
+            from napari.utils import progress
+
+            desc = {"download": "Downloading weights", "encoding": "Encoding ROI"}
+            bar = progress(total=message.total or None, desc=desc.get(message.task, message.task))
+            self._progress_bars[message.task] = bar
+            self.cancel_button.setEnabled(True)
+        bar.total = message.total or None
+        bar.update(message.done - bar.n)
+
+    def _close_progress(self) -> None:
+        for bar in self._progress_bars.values():
+            bar.close()
+        self._progress_bars.clear()
+        self.cancel_button.setEnabled(False)
+
+    def _on_Failure(self, message: Failure) -> None:
+        if message.cancelled:
+            show_info(f"FastSAM3D: {message.message}")
+        elif message.task in _USER_ERRORS or message.task == "decode":
+            show_warning(f"FastSAM3D: {message.message}")
+        else:
+            show_error(f"FastSAM3D ({message.task}): {message.message}")
+        if message.task == "load_model":
+            self.set_status(f"model not loaded: {message.message}")
+
+    # ------------------------------------------------------------ panel glue
+
+    def _refresh_images(self, event: Event | None = None) -> None:
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.set_image_choices([layer.name for layer in images])
+        if self._image is not None and self._image not in images:
+            self._image, self._session_ready = None, False
+        if self._image is None and images:
+            active = self.viewer.layers.selection.active
+            self.set_image(active if isinstance(active, Image) else images[-1])
+
+    def _on_image_chosen(self, name: str) -> None:
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if isinstance(layer, Image):
+            self.set_image(layer)
+
+    def _on_polarity_toggled(self, negative: bool) -> None:
+        self.state.negative_mode = bool(negative)
+        if self._image is not None:
+            _prompts.set_default_polarity(self.prompts_layer, not negative)
+
+    def _on_visibility_changed(self, object_id: int, visible: bool) -> None:
+        record = self.state.objects.get(object_id)
+        if record is not None:
+            record.visible = visible
+        self._cyclic = _layers.apply_visibility(
+            self.labels_layer, self.state.objects, getattr(self, "_cyclic", None)
+        )
+
+    def _refresh_table(self) -> None:
+        self.show_objects(self.state.objects, self.state.current_id,
+                          getattr(self, "current_voxels", 0))
+
+    def refresh_status(self) -> None:
+        self.set_status(self.state.status_line())
+
+    def _autoload(self, model: Any, device: str) -> None:
+        if model is None:
+            model = os.environ.get(ENV_MODEL, DEFAULT_MODEL)
+        if isinstance(model, str) and model.strip().lower() in ("", "none"):
+            self.set_status("no model loaded: choose one above")
+            return
+        self.load_model(model, device)
+
+
+def _closer(outbox: _Outbox, worker: ModelWorker):
+    """A callable that closes the outbox and stops the worker; holds no reference to the widget."""
+
+    def close(*_args) -> None:
+        outbox.close()
+        worker.shutdown(timeout=0.0)
+
+    return close

@@ -1,0 +1,156 @@
+"""The dock widget end to end under Xvfb: docking, clicks, undo/redo, commit, export."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+
+from napari_fastsam3d._layers import LABELS_NAME, PROMPTS_NAME
+from napari_fastsam3d._widget import FastSAM3DWidget
+
+PLUGIN = "napari-fastsam3d"
+TIMEOUT = 20_000
+
+
+@pytest.fixture
+def no_autoload(monkeypatch):
+    monkeypatch.setenv("NAPARI_FASTSAM3D_MODEL", "none")
+
+
+@pytest.fixture
+def stand_in():
+    """Thresholding stand-in with the Sam3D encode/decode contract (no trained weights)."""
+    from fastsam3d.stand_in import ThresholdModel
+
+    return ThresholdModel()
+
+
+def dock(viewer) -> FastSAM3DWidget:
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN)
+    return widget
+
+
+def ready(qtbot, widget, model) -> None:
+    widget.load_model(model, "cpu")
+    qtbot.waitUntil(lambda: widget._session_ready, timeout=TIMEOUT)
+
+
+def click(viewer, widget, index, positive=True):
+    """Add a point from the console, at the world position of voxel ``index``."""
+    image = widget._image
+    world = np.asarray(image.data_to_world(np.asarray(index, dtype=float)))
+    prompts = viewer.layers[PROMPTS_NAME]
+    prompts.feature_defaults = {"positive": positive}
+    prompts.add(prompts.world_to_data(world))
+
+
+def wait_for_labels(qtbot, widget, predicate):
+    qtbot.waitUntil(lambda: predicate(widget.viewer.layers[LABELS_NAME].data), timeout=TIMEOUT)
+
+
+@pytest.fixture
+def blob_viewer(make_napari_viewer, oblique_nifti, no_autoload):
+    viewer = make_napari_viewer()
+    viewer.open(str(oblique_nifti), plugin=PLUGIN)
+    return viewer
+
+
+def test_widget_docks_with_its_layers(make_napari_viewer, sample_ct_path, no_autoload):
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_ct_path), plugin=PLUGIN)
+    widget = dock(viewer)
+    assert isinstance(widget, FastSAM3DWidget)
+    labels, prompts = viewer.layers[LABELS_NAME], viewer.layers[PROMPTS_NAME]
+    assert labels.data.shape == (122, 101, 30) and not labels.data.any()
+    assert "positive" in prompts.features
+    assert viewer.layers.selection.active is prompts and prompts.mode == "add"
+    assert "Ctrl+Z" in widget.help_label.text() and "G:" in widget.help_label.text()
+    assert widget.worker.alive
+
+
+def test_click_gives_mask_at_the_clicked_place(qtbot, blob_viewer, stand_in):
+    widget = dock(blob_viewer)
+    ready(qtbot, widget, stand_in)
+    click(blob_viewer, widget, (20, 18, 12))
+    wait_for_labels(qtbot, widget, lambda d: d.any())
+    labels = blob_viewer.layers[LABELS_NAME].data
+    assert labels[20, 18, 12] == 1
+    assert labels[2, 2, 2] == 0 and labels[38, 34, 22] == 0
+    assert set(np.unique(labels)) == {0, 1}
+    assert "last click" in widget.status_label.text() and "cpu" in widget.status_label.text()
+
+
+def test_mouse_clicks_positive_and_ctrl_negative(qtbot, blob_viewer, stand_in):
+    widget = dock(blob_viewer)
+    ready(qtbot, widget, stand_in)
+    prompts = blob_viewer.layers[PROMPTS_NAME]
+    world = np.asarray(widget._image.data_to_world([20.0, 18.0, 12.0]))
+    for modifiers in ((), ("Control",)):
+        event = SimpleNamespace(
+            type="mouse_press", pos=np.zeros(2), position=world, modifiers=modifiers, button=1,
+            dims_displayed=(1, 2), view_direction=None, handled=False,
+        )
+        mouse_press_callbacks(prompts, event)
+        event.type = "mouse_release"
+        mouse_release_callbacks(prompts, event)
+    assert list(prompts.features["positive"]) == [True, False]
+    qtbot.waitUntil(lambda: bool(prompts.feature_defaults["positive"][0]), timeout=TIMEOUT)
+
+
+def test_undo_redo_and_reset(qtbot, blob_viewer, stand_in):
+    widget = dock(blob_viewer)
+    ready(qtbot, widget, stand_in)
+    prompts = blob_viewer.layers[PROMPTS_NAME]
+    click(blob_viewer, widget, (20, 18, 12))
+    wait_for_labels(qtbot, widget, lambda d: d[20, 18, 12] == 1)
+    widget.undo()
+    wait_for_labels(qtbot, widget, lambda d: not d.any())
+    assert len(prompts.data) == 0
+    widget.redo()
+    wait_for_labels(qtbot, widget, lambda d: d[20, 18, 12] == 1)
+    assert len(prompts.data) == 1
+    widget.reset_object()
+    wait_for_labels(qtbot, widget, lambda d: not d.any())
+    qtbot.waitUntil(lambda: len(prompts.data) == 0, timeout=TIMEOUT)
+
+
+def test_commit_keeps_earlier_objects_and_export(qtbot, make_napari_viewer, tmp_path,
+                                                  no_autoload, stand_in):
+    from nifti_helpers import oblique_affine, write_nifti
+
+    volume = np.full((40, 36, 24), -1000, np.int16)
+    volume[5:15, 5:15, 5:12] = 400
+    volume[25:35, 20:30, 12:20] = 400
+    source = write_nifti(tmp_path / "two.nii.gz", volume, oblique_affine())
+    viewer = make_napari_viewer()
+    viewer.open(str(source), plugin=PLUGIN)
+    widget = dock(viewer)
+    ready(qtbot, widget, stand_in)
+    click(viewer, widget, (10, 10, 8))
+    wait_for_labels(qtbot, widget, lambda d: d[10, 10, 8] == 1)
+    widget.commit()
+    qtbot.waitUntil(lambda: widget.state.current_id == 2, timeout=TIMEOUT)
+    assert len(viewer.layers[PROMPTS_NAME].data) == 0
+    click(viewer, widget, (30, 25, 16))
+    wait_for_labels(qtbot, widget, lambda d: d[30, 25, 16] == 2)
+    labels = viewer.layers[LABELS_NAME].data
+    assert labels[10, 10, 8] == 1 and (labels == 1).sum() == widget.state.objects[1].voxels
+    assert widget.table.rowCount() == 2
+    out = widget.export_labels(str(tmp_path / "two_labels.nii.gz"))
+    written = nib.load(out[0])
+    assert np.array_equal(written.affine, nib.load(str(source)).affine)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)
+
+
+def test_missing_default_model_is_a_notification(qtbot, blob_viewer, monkeypatch):
+    monkeypatch.delenv("NAPARI_FASTSAM3D_MODEL")
+    widget = dock(blob_viewer)
+    qtbot.waitUntil(lambda: "not loaded" in widget.status_label.text(), timeout=TIMEOUT)
+    assert "Local file" in widget.status_label.text()
+    click(blob_viewer, widget, (20, 18, 12))  # kept, no crash, nothing decoded
+    assert len(blob_viewer.layers[PROMPTS_NAME].data) == 1
+    assert not blob_viewer.layers[LABELS_NAME].data.any()
