@@ -19,10 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from nibabel.processing import resample_to_output
 
 from .errors import InputError
 from .synth import SynthConfig, random_grid, sample_volume, synthesize
@@ -102,6 +100,12 @@ def find_cases(labels_dir: str | Path, images_dir: str | Path | None = None) -> 
     return cases
 
 
+def cached_files(root: str | Path) -> list[Path]:
+    """The ``.npz`` files of a folder written by :func:`prepare_cases` (empty if none)."""
+    root = Path(root)
+    return sorted(root.glob("*.npz")) if root.is_dir() else []
+
+
 def discover_cases(root: str | Path) -> list[Case]:
     """Training cases under ``root``: an nnU-Net dataset or the shared real-data folder.
 
@@ -128,14 +132,19 @@ def _is_held_out(case: Case) -> bool:
     return any(tag in text for tag in HELD_OUT)
 
 
-def _to_ras_1p5(image: nib.spatialimages.SpatialImage, order: int) -> np.ndarray:
+def _to_ras_1p5(image, order: int) -> np.ndarray:
     """Reorient to RAS and resample to 1.5 mm isotropic (nibabel; order 0 = nearest)."""
+    import nibabel as nib
+    from nibabel.processing import resample_to_output
+
     canonical = nib.as_closest_canonical(image)
     resampled = resample_to_output(canonical, voxel_sizes=SPACING_MM, order=order, cval=0)
     return np.asarray(resampled.dataobj)
 
 
-def _read_labels(case: Case) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+def _read_labels(case: Case) -> tuple[np.ndarray, object]:
+    import nibabel as nib
+
     if isinstance(case.labels, Path):
         img = nib.load(case.labels)
         return np.asarray(img.dataobj).astype(np.int64), img
@@ -153,6 +162,8 @@ def preprocess_case(case: Case) -> dict[str, np.ndarray]:
         ``labels`` (X, Y, Z) int16 compact ids (0 = background), ``ids`` the original label
         value of each compact id, and ``image`` (X, Y, Z) float32 when the case has one.
     """
+    import nibabel as nib
+
     labels, ref = _read_labels(case)
     ids, compact = np.unique(labels, return_inverse=True)
     if ids[0] != 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,26 +21,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .clicks import sample_training_clicks
-from .data import SamplingConfig, SeedBank, discover_cases, prepare_cases, sample_batch
+from .data import (
+    SamplingConfig,
+    SeedBank,
+    cached_files,
+    discover_cases,
+    prepare_cases,
+    sample_batch,
+)
 from .modeling.configs import build_model
 from .modeling.sam3d import Sam3D
 from .training_runtime import (
     Budget,
-    MetricsLog,
+    LoopSettings,
     Runtime,
-    cosine_lr,
     load_resume_state,
     load_trained_model,
     resolve_config,
-    save_checkpoint,
+    run_loop,
     save_model,
     seed_everything,
     set_attention_backend,
     setup_runtime,
-    unwrap,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,7 +131,7 @@ class InteractiveStep(nn.Module):
                 losses.append(loss)
         low, loss, pred = self._round(embedding, None, None, low, target, weight)
         losses.append(loss)
-        return torch.stack(losses).mean(), {"dice": batch_dice(pred, target)[valid]}
+        return torch.stack(losses).mean(), {"dice_last_round": batch_dice(pred, target)[valid]}
 
     def _round(self, embedding, points, labels, low, target, weight):
         model = self.model
@@ -199,10 +202,17 @@ def make_optimizer(model: Sam3D, options: TrainOptions) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=options.weight_decay, betas=(0.9, 0.999))
 
 
+def seed_files(data_roots: list[str], cache: str) -> list[Path]:
+    """Cached ``.npz`` files of every root: a cache folder as is, else discovered + prepared."""
+    files = []
+    for root in data_roots:
+        files += cached_files(root) or prepare_cases(discover_cases(root), cache)
+    return files
+
+
 def load_seed_bank(data_roots: list[str], cache: str, device, min_voxels: int = 200) -> SeedBank:
     """Discover, preprocess (cached) and load every training case onto ``device``."""
-    cases = [case for root in data_roots for case in discover_cases(root)]
-    return SeedBank(prepare_cases(cases, cache), device, min_voxels=min_voxels)
+    return SeedBank(seed_files(data_roots, cache), device, min_voxels=min_voxels)
 
 
 def train(options: TrainOptions) -> Path:
@@ -232,77 +242,20 @@ def train(options: TrainOptions) -> Path:
         size=options.crop, real_prob=options.real_prob, clip=model.config.intensity_clip
     )
     budget = Budget(options.minutes, options.steps, counters["step"], counters["elapsed_s"])
-    _loop(step_module, optimizer, bank, sampling, budget, generator, runtime, options)
+    run_loop(
+        step_module,
+        optimizer,
+        lambda: sample_batch(bank, options.batch, generator, sampling),
+        budget,
+        generator,
+        runtime,
+        LoopSettings.from_options(options, tag="train"),
+    )
     final = out / "final.safetensors"
     if runtime.is_main:
-        _save(out, model, optimizer, budget, generator)
         save_model(final, model, {"counters": {"step": budget.step}})
         logger.info("saved %s", final)
     return final
-
-
-def _save(out: Path, model, optimizer, budget: Budget, generator) -> None:
-    counters = {"step": budget.step, "elapsed_s": budget.elapsed}
-    save_checkpoint(out, "latest", model, optimizer, counters, generator)
-
-
-def _loop(step_module, optimizer, bank, sampling, budget: Budget, generator, runtime, options):
-    model = unwrap(step_module).model
-    metrics = MetricsLog(Path(options.out) / "metrics.jsonl", runtime)
-    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
-    bar = tqdm(
-        total=options.steps,
-        initial=budget.step,
-        disable=not runtime.is_main,
-        desc="train",
-        dynamic_ncols=True,
-    )
-    last_save, window = time.monotonic(), []
-    tick = time.monotonic()
-    while not budget.done(runtime):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(group["base_lr"], budget.progress)
-        with torch.no_grad():
-            batch = sample_batch(bank, options.batch, generator, sampling)
-        with runtime.autocast():
-            loss, stats = step_module(batch.image, batch.target, batch.valid, generator)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        budget.step += 1
-        bar.update(1)
-        window.append(
-            (loss.detach(), stats["dice"].mean().detach() if stats["dice"].numel() else None)
-        )
-        if budget.step % options.log_every == 0:
-            tick = _log(metrics, bar, window, budget, optimizer, options, tick, runtime)
-            window = []
-        if runtime.is_main and time.monotonic() - last_save > 60 * options.save_every_minutes:
-            _save(Path(options.out), model, optimizer, budget, generator)
-            last_save = time.monotonic()
-    bar.close()
-
-
-def _log(metrics, bar, window, budget, optimizer, options, tick, runtime) -> float:
-    now = time.monotonic()
-    loss = torch.stack([w[0] for w in window]).mean().item()
-    dices = [w[1] for w in window if w[1] is not None]
-    dice = torch.stack(dices).mean().item() if dices else None
-    record = {
-        "step": budget.step,
-        "elapsed_s": round(budget.elapsed, 2),
-        "progress": round(budget.progress, 4),
-        "loss": loss,
-        "dice_last_round": dice,
-        "lr": optimizer.param_groups[0]["lr"],
-        "samples_per_s": len(window) * options.batch * runtime.world_size / max(now - tick, 1e-9),
-    }
-    metrics.write(record)
-    bar.set_postfix(loss=f"{loss:.3f}", dice=f"{dice or 0:.3f}")
-    return now
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -321,7 +274,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--data",
         action="append",
         required=True,
-        help="nnU-Net dataset folder or the shared real-data folder (repeatable)",
+        help="nnU-Net dataset folder, the shared real-data folder or a folder of cached .npz "
+        "seeds (repeatable)",
+    )
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="only fill the preprocessing cache, then exit"
     )
     parser.add_argument("--cache", default=TrainOptions.cache, help="preprocessing cache folder")
     parser.add_argument("--out", default=TrainOptions.out, help="checkpoint / metrics folder")
@@ -341,12 +298,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--crop", type=int, default=TrainOptions.crop, help="crop side (the model needs 128)"
     )
     parser.add_argument("--real-prob", type=float, default=TrainOptions.real_prob)
-    _add_runtime_arguments(parser)
+    add_runtime_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
 
-def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Device, precision, attention backend, seed, logging and checkpoint-interval flags."""
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument(
         "--attention",
@@ -361,6 +319,10 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: build :class:`TrainOptions` from ``args`` and train."""
+    if args.prepare_only:
+        for path in seed_files(args.data, args.cache):
+            print(path)
+        return 0
     names = TrainOptions.__dataclass_fields__
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
     path = train(options)

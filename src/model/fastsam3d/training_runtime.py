@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from .errors import CheckpointError, InputError
 from .modeling.configs import ModelConfig, build_model, get_config
@@ -286,7 +287,129 @@ class MetricsLog:
 
 
 def set_attention_backend(model: torch.nn.Module, backend: str) -> None:
-    """Set every encoder attention layer to ``backend`` ("math" or "sdpa")."""
+    """Switch every encoder attention layer on the "math" reference path to ``backend``.
+
+    Layers built for another backend by their config (e.g. "sparse") keep it.
+    """
     for module in model.modules():
-        if hasattr(module, "backend") and hasattr(module, "rel_pos_tables"):
+        if getattr(module, "backend", None) == "math" and hasattr(module, "rel_pos_tables"):
             module.backend = backend
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """What :func:`run_loop` needs besides the model: output folder, batch, logging, saving."""
+
+    out: Path
+    batch: int
+    steps: int | None
+    log_every: int
+    save_every_minutes: float
+    tag: str
+
+    @classmethod
+    def from_options(cls, options, tag: str) -> LoopSettings:
+        return cls(
+            Path(options.out),
+            options.batch,
+            options.steps,
+            options.log_every,
+            options.save_every_minutes,
+            tag,
+        )
+
+
+def _optimizer_step(loss, model, optimizer, scaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def run_loop(
+    step_module,
+    optimizer,
+    next_batch,
+    budget: Budget,
+    generator,
+    runtime: Runtime,
+    settings: LoopSettings,
+    on_step=None,
+) -> None:
+    """The shared optimisation loop until ``budget`` is spent.
+
+    Args:
+        step_module: module (maybe DDP-wrapped, with ``.model``) whose forward takes
+            ``(image, target, valid, generator)`` and returns ``(loss, stats)``, stats being
+            tensors averaged into the metrics.
+        optimizer: with ``base_lr`` in every param group (cosine schedule on progress).
+        next_batch: returns a :class:`fastsam3d.data.Batch`.
+        budget: steps / minutes.
+        generator: the device generator (saved with checkpoints).
+        runtime: device, rank, precision.
+        settings: output folder (``metrics.jsonl``, ``TAG-latest`` checkpoints), logging.
+        on_step: called with the progress before every step (e.g. a layer schedule); may
+            return a dict of extra metrics.
+    """
+    model = unwrap(step_module).model
+    metrics = MetricsLog(settings.out / "metrics.jsonl", runtime)
+    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    bar = tqdm(
+        total=settings.steps,
+        initial=budget.step,
+        disable=not runtime.is_main,
+        desc=settings.tag,
+        dynamic_ncols=True,
+    )
+    last_save = tick = time.monotonic()
+    window: list[dict] = []
+    while not budget.done(runtime):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(group["base_lr"], budget.progress)
+        extra = on_step(budget.progress) if on_step is not None else None
+        with torch.no_grad():
+            batch = next_batch()
+        with runtime.autocast():
+            loss, stats = step_module(batch.image, batch.target, batch.valid, generator)
+        _optimizer_step(loss, model, optimizer, scaler)
+        budget.step += 1
+        bar.update(1)
+        window.append(
+            {"loss": loss.detach(), **{k: v.detach().float().nanmean() for k, v in stats.items()}}
+        )
+        if budget.step % settings.log_every == 0:
+            record = _record(window, budget, optimizer, settings, time.monotonic() - tick, runtime)
+            metrics.write({**record, **(extra or {})})
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            tick, window = time.monotonic(), []
+        if runtime.is_main and time.monotonic() - last_save > 60 * settings.save_every_minutes:
+            _save_latest(settings, model, optimizer, budget, generator)
+            last_save = time.monotonic()
+    bar.close()
+    if runtime.is_main:
+        _save_latest(settings, model, optimizer, budget, generator)
+
+
+def _save_latest(settings: LoopSettings, model, optimizer, budget: Budget, generator) -> None:
+    counters = {"step": budget.step, "elapsed_s": budget.elapsed}
+    save_checkpoint(settings.out, latest_name(settings.tag), model, optimizer, counters, generator)
+
+
+def latest_name(tag: str) -> str:
+    """Checkpoint name of a loop's resumable state (``latest`` for plain training)."""
+    return "latest" if tag == "train" else f"{tag}-latest"
+
+
+def _record(window, budget: Budget, optimizer, settings: LoopSettings, seconds: float, runtime):
+    means = {k: torch.stack([w[k] for w in window]).nanmean().item() for k in window[0]}
+    return {
+        "stage": settings.tag,
+        "step": budget.step,
+        "elapsed_s": round(budget.elapsed, 2),
+        "progress": round(budget.progress, 4),
+        **means,
+        "lr": optimizer.param_groups[0]["lr"],
+        "samples_per_s": len(window) * settings.batch * runtime.world_size / max(seconds, 1e-9),
+    }
