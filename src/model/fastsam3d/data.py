@@ -5,11 +5,11 @@ an optional image. Cases come from nnU-Net-style folders (``imagesTr/`` + ``labe
 images ``CASE_0000.nii.gz`` or ``CASE.nii.gz``) or from the project's shared real-data folder
 (:data:`REAL_DATA_PAIRS`; its held-out test cases are never used, see :data:`HELD_OUT`).
 
-:func:`prepare_cases` reorients each case to RAS, resamples it to 1.5 mm (labels nearest,
-images linear) and caches the result as ``.npz``. :class:`SeedBank` keeps every cached volume
-on the training device; :func:`sample_batch` draws (volume, class, 128^3 crop) triples, deforms
-the crops and synthesises random-contrast images (``synth.py``) or uses the real image, all as
-batched tensor operations on that device.
+:func:`prepare_cases` puts each case on its model grid (``geometry.ModelGrid``: RAS, 1.5 mm;
+labels nearest, images linear, as inference resamples) and caches it as ``.npz``.
+:class:`SeedBank` keeps every cached volume on the training device; :func:`sample_batch` draws
+(volume, class, 128^3 crop) triples, deforms the crops and synthesises random-contrast images
+(``synth.py``) or uses the real image, all as batched tensor operations on that device.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .errors import InputError
+from .geometry import Volume
 from .synth import SynthConfig, random_grid, sample_volume, synthesize
 
 logger = logging.getLogger(__name__)
 
-SPACING_MM = 1.5
-PREPROCESSING_VERSION = "ras-1.5mm-v1"
+PREPROCESSING_VERSION = "model-grid-v2"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 # Held-out visible test set: never used for training.
 HELD_OUT = ("example_ct_dicom", "example_seg_dicom", "brats")
@@ -132,50 +133,53 @@ def _is_held_out(case: Case) -> bool:
     return any(tag in text for tag in HELD_OUT)
 
 
-def _to_ras_1p5(image, order: int) -> np.ndarray:
-    """Reorient to RAS and resample to 1.5 mm isotropic (nibabel; order 0 = nearest)."""
-    import nibabel as nib
-    from nibabel.processing import resample_to_output
+def _to_model_grid(volume: Volume, order: int) -> np.ndarray:
+    """A volume on its model grid (:class:`fastsam3d.geometry.ModelGrid`: RAS, 1.5 mm).
 
-    canonical = nib.as_closest_canonical(image)
-    resampled = resample_to_output(canonical, voxel_sizes=SPACING_MM, order=order, cval=0)
-    return np.asarray(resampled.dataobj)
+    ``order`` 1 is the grid's own linear resampling; 0 (labels) applies the same matrix with
+    nearest-neighbour interpolation.
+    """
+    grid = volume.model_grid()
+    if order == 1:
+        return grid.resample(volume.array)
+    return ndimage.affine_transform(
+        grid.canonical_view(volume.array),
+        np.diag(grid.to_canonical)[:3],
+        grid.to_canonical[:3, 3],
+        output_shape=grid.shape,
+        order=0,
+        mode="nearest",
+    )
 
 
-def _read_labels(case: Case) -> tuple[np.ndarray, object]:
-    import nibabel as nib
-
+def _read_labels(case: Case) -> Volume:
     if isinstance(case.labels, Path):
-        img = nib.load(case.labels)
-        return np.asarray(img.dataobj).astype(np.int64), img
-    first = nib.load(case.labels[0])
-    combined = np.zeros(first.shape, dtype=np.int64)
+        return Volume.from_file(case.labels)
+    first = Volume.from_file(case.labels[0])
+    combined = np.zeros(first.shape, dtype=np.int32)
     for class_id, path in enumerate(case.labels, start=1):
-        combined[np.asarray(nib.load(path).dataobj) > 0] = class_id
-    return combined, first
+        combined[Volume.from_file(path).array > 0] = class_id
+    return Volume(combined, first.affine)
 
 
 def preprocess_case(case: Case) -> dict[str, np.ndarray]:
-    """RAS, 1.5 mm arrays of one case: compact labels, original ids and (optional) image.
+    """Model-grid (RAS, 1.5 mm) arrays of one case: compact labels, original ids, image.
 
     Returns:
         ``labels`` (X, Y, Z) int16 compact ids (0 = background), ``ids`` the original label
         value of each compact id, and ``image`` (X, Y, Z) float32 when the case has one.
     """
-    import nibabel as nib
-
-    labels, ref = _read_labels(case)
-    ids, compact = np.unique(labels, return_inverse=True)
+    labels = _read_labels(case)
+    ids, compact = np.unique(labels.array, return_inverse=True)
     if ids[0] != 0:
         ids, compact = np.concatenate([[0], ids]), compact + 1
-    compact_img = nib.Nifti1Image(compact.reshape(labels.shape).astype(np.int16), ref.affine)
-    out = {"labels": _to_ras_1p5(compact_img, order=0).astype(np.int16), "ids": ids}
+    compact = Volume(compact.reshape(labels.shape).astype(np.int16), labels.affine)
+    out = {"labels": _to_model_grid(compact, order=0).astype(np.int16), "ids": ids}
     if case.image is not None:
-        image = nib.load(case.image)
-        if image.shape[:3] != labels.shape:
+        image = Volume.from_file(case.image)
+        if image.shape != labels.shape:
             raise InputError(f"{case.image} and its labels have different shapes")
-        data = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
-        out["image"] = _to_ras_1p5(nib.Nifti1Image(data, image.affine), order=1).astype(np.float32)
+        out["image"] = _to_model_grid(image, order=1).astype(np.float32)
     return out
 
 
