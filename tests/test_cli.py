@@ -1,0 +1,213 @@
+"""The ``fastsam3d`` command: segment (round trip of affine and header), info, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fastsam3d import Session, Volume, cli
+from fastsam3d.cache import EmbeddingCache
+from fastsam3d.session import SessionSettings
+from fastsam3d.stand_in import ThresholdModel
+
+DATA = Path(__file__).parent / "data"
+CT = DATA / "example_ct_sm.nii.gz"
+SPINE, RIB = (58, 24, 11), (103, 33, 22)  # bone voxels of the CT (309 and 401 HU)
+
+
+def _model() -> ThresholdModel:
+    """Segments bone of the CT (z-score > 1 over voxels > 0 HU), ball in synthetic volumes."""
+    return ThresholdModel(threshold=1.0)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """``--model`` loads the thresholding stand-in (no weights needed)."""
+    loaded = []
+
+    def load(source, device):
+        loaded.append((source, str(device)))
+        return _model()
+
+    monkeypatch.setattr(cli, "_load_model", load)
+    return loaded
+
+
+@pytest.fixture
+def ct(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    shutil.copy(CT, path)
+    return path
+
+
+def _oblique_image(tmp_path) -> Path:
+    """A ball in an oblique volume whose qform and sform differ (both coded), with units set."""
+    shape = (64, 60, 24)
+    i, j, k = np.indices(shape)
+    data = np.where((i - 32) ** 2 + (j - 30) ** 2 + ((k - 12) * 3.2) ** 2 < 400, 300, -50)
+    sform = np.array(
+        [[0.9, -0.2, 0.3, -40.0], [0.2, 0.95, -0.1, 12.0], [-0.25, 0.1, 2.9, 7.5], [0, 0, 0, 1]]
+    )
+    qform = sform.copy()
+    qform[:3, 3] += [1.0, -2.0, 0.5]
+    image = nib.Nifti1Image(data.astype(np.int16), sform)
+    image.set_sform(sform, code=1)
+    image.set_qform(qform, code=2)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header["descrip"] = b"oblique test volume"
+    path = tmp_path / "oblique.nii"
+    nib.save(image, str(path))
+    return path
+
+
+def test_segment_round_trip_keeps_affine_and_header(ct, tmp_path, stand_in, capsys):
+    out = tmp_path / "labels.nii.gz"
+    argv = ["segment", str(ct), "--point", "58,24,11", "--point", "60,50,15:-", "-o", str(out)]
+    options = ["--model", "my-weights", "--device", "cpu", "--max-extra-rois", "2"]
+    assert cli.main([*argv, *options]) == 0
+    assert stand_in == [("my-weights", "cpu")]
+    assert "wrote" in capsys.readouterr().out
+    source, written = nib.load(str(ct)), nib.load(str(out))
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.affine, source.affine)
+    for key in ("sform_code", "qform_code", "pixdim", "xyzt_units", "dim_info"):
+        np.testing.assert_array_equal(written.header[key], source.header[key])
+    labels = np.asarray(written.dataobj)
+    assert labels.dtype == np.uint16 and set(np.unique(labels)) == {0, 1}
+    # the same clicks through the Python API give the same labels
+    settings = SessionSettings(max_extra_rois=2)
+    session = Session(_model(), Volume.from_file(ct), cache=EmbeddingCache(), settings=settings)
+    session.add_point(SPINE)
+    session.add_point((60, 50, 15), positive=False)
+    session.commit()
+    np.testing.assert_array_equal(labels, session.labels)
+
+
+def _ball_model(monkeypatch):
+    monkeypatch.setattr(cli, "_load_model", lambda source, device: ThresholdModel())
+
+
+def test_oblique_qform_and_sform_survive(tmp_path, monkeypatch):
+    _ball_model(monkeypatch)
+    path = _oblique_image(tmp_path)
+    out = tmp_path / "out.nii"
+    assert cli.main(["segment", str(path), "--point", "32,30,12", "-o", str(out)]) == 0
+    source, written = nib.load(str(path)), nib.load(str(out))
+    for getter in ("get_sform", "get_qform"):
+        a, a_code = getattr(source.header, getter)(coded=True)
+        b, b_code = getattr(written.header, getter)(coded=True)
+        np.testing.assert_allclose(b, a, atol=1e-6)
+        assert a_code == b_code
+    assert written.header["descrip"] == source.header["descrip"]
+    assert written.header.get_xyzt_units() == ("mm", "sec")
+    labels = np.asarray(written.dataobj)
+    ball = np.asarray(source.dataobj) > 0
+    assert 2 * (ball & (labels == 1)).sum() / (ball.sum() + (labels == 1).sum()) > 0.9
+
+
+def test_mgh_input_gives_nifti_with_same_affine(tmp_path, monkeypatch):
+    _ball_model(monkeypatch)
+    shape = (40, 36, 30)
+    i, j, k = np.indices(shape)
+    data = np.where((i - 20) ** 2 + (j - 18) ** 2 + (k - 15) ** 2 < 64, 200, 10).astype(np.float32)
+    affine = np.array([[-1.2, 0, 0, 30], [0, 0, 1.3, -20], [0, -1.1, 0, 25], [0, 0, 0, 1.0]])
+    path = tmp_path / "ball.mgz"
+    nib.save(nib.MGHImage(data, affine), str(path))
+    out = tmp_path / "ball_labels.nii.gz"
+    assert cli.main(["segment", str(path), "--point", "20,18,15", "-o", str(out)]) == 0
+    written = nib.load(str(out))
+    np.testing.assert_allclose(written.affine, nib.load(str(path)).affine, atol=1e-5)
+    assert written.header.get_sform(coded=True)[1] == 1
+    assert (np.asarray(written.dataobj)[20, 18, 15]) == 1
+
+
+def test_prompts_file_replays_and_save_prompts(ct, tmp_path, stand_in):
+    session = Session(_model(), Volume.from_file(ct), cache=EmbeddingCache())
+    session.add_point(SPINE)
+    session.commit()
+    session.add_point(RIB)
+    prompts = tmp_path / "prompts.json"
+    session.prompts_to_json(prompts)
+    out, saved = tmp_path / "replayed.nii.gz", tmp_path / "saved.json"
+    argv = ["segment", str(ct), "--prompts", str(prompts), "-o", str(out)]
+    assert cli.main([*argv, "--save-prompts", str(saved)]) == 0
+    session.commit()
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), session.labels)
+    doc = json.loads(saved.read_text())
+    assert [o["committed"] for o in doc["objects"]] == [True, True]
+
+
+def test_refuses_to_overwrite_the_input(ct, stand_in, capsys):
+    digest = hashlib.sha256(ct.read_bytes()).hexdigest()
+    assert cli.main(["segment", str(ct), "--point", "60,50,15", "-o", str(ct)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    link = ct.parent / "link.nii.gz"
+    link.symlink_to(ct)
+    assert cli.main(["segment", str(ct), "--point", "60,50,15", "-o", str(link)]) == 2
+    assert hashlib.sha256(ct.read_bytes()).hexdigest() == digest
+    assert stand_in == []  # refused before any model was loaded
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--point", "500,50,15"], "outside the volume"),
+        ([], "nothing to segment"),
+        (["--point", "60,50,15", "--prompts", "missing.json"], "prompt file"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(ct, tmp_path, stand_in, capsys, extra, words):
+    out = tmp_path / "o.nii.gz"
+    assert cli.main(["segment", str(ct), *extra, "-o", str(out)]) == 2
+    assert words in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_output_suffix_point_syntax_and_missing_weights(ct, tmp_path, capsys):
+    assert cli.main(["segment", str(ct), "--point", "1,2,3", "-o", str(tmp_path / "o.png")]) == 2
+    assert ".nii" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["segment", str(ct), "--point", "1,2", "-o", str(tmp_path / "o.nii")])
+    assert exc.value.code == 2 and "I,J,K" in capsys.readouterr().err
+    argv = ["segment", str(ct), "--point", "60,50,15", "-o", str(tmp_path / "o.nii.gz")]
+    assert cli.main([*argv, "--model", str(tmp_path / "none.pth"), "--device", "cpu"]) == 2
+    assert "none.pth" in capsys.readouterr().err
+
+
+def test_parse_point():
+    assert cli.parse_point("1,2,3") == ((1.0, 2.0, 3.0), True)
+    assert cli.parse_point(" 4, 5.5 ,6:+") == ((4.0, 5.5, 6.0), True)
+    assert cli.parse_point("7,8,9:neg") == ((7.0, 8.0, 9.0), False)
+
+
+def test_info_matches_nibabel(capsys):
+    assert cli.main(["info", str(CT), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    image = nib.load(str(CT))
+    assert info["shape"] == list(image.shape) and info["orientation"] == "RAS"
+    np.testing.assert_allclose(info["affine"], image.affine, atol=1e-5)
+    np.testing.assert_allclose(info["voxel_size_mm"], image.header.get_zooms(), atol=1e-5)
+    assert info["model_grid"]["shape"] == [244, 202, 60]
+    assert cli.main(["info", str(CT)]) == 0
+    text = capsys.readouterr().out
+    assert "(122, 101, 30)" in text and "3 x 3 x 3 mm" in text
+
+
+def test_info_on_bad_file_and_entry_point(tmp_path):
+    bad = tmp_path / "bad.nii"
+    bad.write_text("nope")
+    assert cli.main(["info", str(bad)]) == 2
+    run = subprocess.run(
+        [sys.executable, "-m", "fastsam3d.cli", "info", str(CT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and "orientation:  RAS" in run.stdout
