@@ -129,6 +129,18 @@ def test_mgh_input_gives_nifti_with_same_affine(tmp_path, monkeypatch):
     assert (np.asarray(written.dataobj)[20, 18, 15]) == 1
 
 
+def test_trailing_singleton_axis_is_kept(tmp_path, monkeypatch):
+    _ball_model(monkeypatch)
+    i, j, k = np.indices((40, 36, 30))
+    data = np.where((i - 20) ** 2 + (j - 18) ** 2 + (k - 15) ** 2 < 100, 200, 0).astype(np.int16)
+    path = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(data[..., None], np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
+    out = tmp_path / "four_d_labels.nii.gz"
+    assert cli.main(["segment", str(path), "--point", "20,18,15", "-o", str(out)]) == 0
+    written = nib.load(str(out))
+    assert written.shape == (40, 36, 30, 1) and written.get_fdata()[20, 18, 15, 0] == 1
+
+
 def test_prompts_file_replays_and_save_prompts(ct, tmp_path, stand_in):
     session = Session(_model(), Volume.from_file(ct), cache=EmbeddingCache())
     session.add_point(SPINE)

@@ -183,6 +183,16 @@ def test_per_roi_sampling_equals_crop_of_resampled_volume():
     assert np.all(from_full[:12] == 0) and np.all(from_full[:, :, :40] == 0)
 
 
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16, np.int64, np.float16, np.float64])
+def test_every_voxel_type_resamples_like_float32(dtype):
+    affine, shape = NAMED["lps"]
+    array = np.random.default_rng(6).uniform(0, 3, size=(30, 20, 10)) > 1.5
+    array = array.astype(dtype)
+    volume = Volume(array, affine)
+    expected = volume.model_grid().resample(array.astype(np.float32))
+    np.testing.assert_allclose(volume.resampled(), expected, atol=1e-6)
+
+
 def test_separable_interpolation_equals_affine_transform():
     rng = np.random.default_rng(3)
     field = rng.normal(size=(9, 11, 7)).astype(np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -395,6 +396,26 @@ def test_huge_volumes_are_sampled_per_roi(monkeypatch):
     assert fresh.resampled() is None and not fresh._resampled
     assert set(model.inputs) == {(1, 1, 128, 128, 128)}
     np.testing.assert_array_equal(mask, reference)
+
+
+@dataclass
+class DuckModel:
+    """Only encode/decode as in the contract: no nn.Module, no config, no signature, unhashable."""
+
+    inner: ThresholdModel
+
+    def encode(self, x):
+        return self.inner.encode(x)
+
+    def decode(self, emb, points, labels, mask_input=None, multimask_output=False):
+        return self.inner.decode(emb, points, labels, mask_input, multimask_output)
+
+
+def test_any_object_with_the_contract_works():
+    volume, (truth,) = _balls()
+    session = Session(DuckModel(ThresholdModel()), volume, cache=EmbeddingCache())
+    assert _dice(session.add_point((30, 30, 28)), truth) > 0.95
+    assert session.commit() == 1
 
 
 # ---------------------------------------------------------------- real CT with the tiny model

@@ -195,8 +195,11 @@ class ModelGrid:
         """
         scale = np.diag(self.to_canonical)[:3]
         offset = self.to_canonical[:3, 3] + scale * np.asarray(start, dtype=np.float64)
+        canonical = self.canonical_view(array)
+        if canonical.dtype.kind == "b" or canonical.dtype == np.float16:
+            canonical = canonical.astype(np.float32)  # types scipy.ndimage cannot interpolate
         out = ndimage.affine_transform(
-            self.canonical_view(array),
+            canonical,
             scale,
             offset,
             output_shape=tuple(int(n) for n in shape),

@@ -47,10 +47,19 @@ def save_labels(labels: np.ndarray, volume: Volume, path: str | os.PathLike) -> 
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
         raise InputError(f"labels of shape {labels.shape} do not fit the volume {volume.shape}")
-    image = _labels_image(labels, volume)
+    image = _labels_image(labels.reshape(_stored_shape(volume)), volume)
     nib.save(image, str(out))
     logger.info("wrote %s", out)
     return out
+
+
+def _stored_shape(volume: Volume) -> tuple[int, ...]:
+    """The source file's data shape when it only adds trailing length-1 axes (X, Y, Z, 1)."""
+    header = volume.header
+    shape = tuple(header.get_data_shape()) if hasattr(header, "get_data_shape") else ()
+    if shape[:3] == tuple(volume.shape) and all(n == 1 for n in shape[3:]):
+        return shape
+    return tuple(volume.shape)
 
 
 def _labels_image(labels: np.ndarray, volume: Volume) -> nib.Nifti1Image:

@@ -23,10 +23,24 @@ _LOCKS_GUARD = threading.Lock()
 def model_lock(model) -> threading.RLock:
     """One lock per model, so that sessions and background jobs take turns on it."""
     with _LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
+        try:
+            lock = _MODEL_LOCKS.get(model)
+            if lock is None:
+                lock = _MODEL_LOCKS[model] = threading.RLock()
+        except TypeError:  # not hashable or not weak-referenceable: keep a lock on the model
+            lock = _lock_attribute(model)
         return lock
+
+
+def _lock_attribute(model) -> threading.RLock:
+    lock = getattr(model, "_fastsam3d_lock", None)
+    if lock is None:
+        lock = threading.RLock()
+        try:
+            object.__setattr__(model, "_fastsam3d_lock", lock)
+        except (AttributeError, TypeError):
+            logger.warning("cannot attach a lock to %s: do not share it across threads", model)
+    return lock
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
