@@ -140,7 +140,7 @@ def _positional(args: tuple) -> tuple:
 
     volume = [a for a in args if isinstance(a, Volume)]
     data = [a for a in args if isinstance(a, (str, bytes, dict, os.PathLike))]
-    model = [a for a in args if a not in volume and not any(a is d for d in data)]
+    model = [a for a in args if not any(a is b for b in volume + data)]
     if len(volume) != 1 or len(data) != 1 or len(model) != 1:
         raise SessionError("call Session.from_json(data, model, volume) or session.from_json(data)")
     return data[0], model[0], volume[0]
@@ -161,11 +161,12 @@ class FromJson:
 
     @staticmethod
     def _build(cls, *args, device=None, **kwargs):
-        data, model, volume = _positional(
-            args + tuple(kwargs.pop(k) for k in ("data", "model", "volume") if k in kwargs)
-        )
+        named = tuple(kwargs.pop(k) for k in ("data", "model", "volume") if k in kwargs)
+        data, model, volume = _positional(args + named)
+        doc = load(data)
+        kwargs.setdefault("settings", SessionSettings.from_dict(doc.get("settings", {})))
         session = cls(model, volume, device, **kwargs)
-        replay(session, data)
+        replay(session, doc)
         return session
 
     @staticmethod

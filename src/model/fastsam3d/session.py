@@ -239,7 +239,6 @@ class Session:
             background: run in a daemon thread (cancel with ``job.cancel()``); False runs
                 here and returns the finished job.
         """
-        self._predictor.volume.resampled(self._settings.spacing)
         rois = [Roi(o, self._predictor.roi_size) for o in tile_origins(self._grid.shape)]
         job = PrecomputeJob(self._predictor, rois, progress)
         return job.start() if background else job.run()
