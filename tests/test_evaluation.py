@@ -1,0 +1,143 @@
+"""fastsam3d eval: crops, Dice, perfect predictions, both protocols, the JSON, baselines."""
+
+import argparse
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fastsam3d import evaluation as E
+from fastsam3d.baselines import RandomWalkerSegmenter, random_walker
+from fastsam3d.modeling.configs import build_model
+from fastsam3d.training_runtime import save_model
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two 1.5 mm cases: a box (1) and a ball (4); image = 100 * label + 50."""
+    root = tmp_path_factory.mktemp("eval")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    grid = np.indices((60, 56, 50))
+    for index in range(2):
+        labels = np.zeros((60, 56, 50), np.uint8)
+        labels[10:30, 12:34, 8:26] = 1
+        labels[((grid - np.array([44, 38, 34 - index])[:, None, None, None]) ** 2).sum(0) < 49] = 4
+        affine = np.diag([1.5, 1.5, 1.5, 1.0])
+        nib.save(nib.Nifti1Image(labels, affine), str(root / "labels" / f"c{index}.nii.gz"))
+        image = labels.astype(np.float32) * 100 + 50
+        nib.save(nib.Nifti1Image(image, affine), str(root / "images" / f"c{index}_0000.nii.gz"))
+    return root
+
+
+def test_dice_score():
+    a = np.zeros((4, 4, 4), bool)
+    b = a.copy()
+    assert E.dice_score(a, b) == 1.0
+    a[0, 0, :2] = True
+    b[0, 0, 1:3] = True
+    assert E.dice_score(a, b) == pytest.approx(0.5)
+
+
+def test_crop_is_centred_on_the_bounding_box_and_padded():
+    mask = np.zeros((50, 60, 40), bool)
+    mask[10:20, 30:41, 0:5] = True
+    start, stop = E.crop_box(mask, size=16)
+    assert ((start + stop) // 2).tolist() == [15, 35, 2]
+    crop = E.extract(mask.astype(np.int8), start, stop, fill=-1)
+    assert crop.shape == (16, 16, 16) and (crop == -1).any()
+    assert (
+        crop.sum(where=crop > 0) == mask[start[0] : stop[0], start[1] : stop[1], 0 : stop[2]].sum()
+    )
+
+
+class Oracle:
+    """Predicts the ground truth after the first click (a perfect segmenter)."""
+
+    name = "oracle"
+
+    def __init__(self):
+        self.calls = 0
+
+    def start(self, raw, normalised):
+        self.gt = None
+
+    def predict(self, points, labels):
+        self.calls += 1
+        return torch.from_numpy(self.gt)
+
+
+@pytest.mark.parametrize("protocol", ["fastsam3d", "cvpr25"])
+def test_perfect_predictions_stop_clicking_without_crashing(protocol):
+    gt = np.zeros((32, 32, 32), bool)
+    gt[8:20, 10:22, 6:18] = True
+    oracle = Oracle()
+    oracle.start = lambda raw, normalised: setattr(oracle, "gt", gt)
+    image = gt.astype(np.float32) + 1
+    dices, _, clicks = E.evaluate_structure(
+        oracle, image, gt, 5, protocol, np.random.default_rng(0)
+    )
+    assert dices == [1.0] * 5 and oracle.calls == 1 and len(clicks) == 1
+
+
+def test_random_walker_separates_two_regions():
+    image = torch.zeros((24, 24, 24))
+    image[6:18, 6:18, 6:18] = 1.0
+    seeds = torch.full((24, 24, 24), -1, dtype=torch.int8)
+    seeds[12, 12, 12] = 1
+    seeds[0], seeds[-1] = 0, 0
+    prob = random_walker(image, seeds)
+    assert prob[8, 8, 8] > 0.5 and prob[2, 12, 12] < 0.5
+
+
+def _args(dataset, tmp_path, model, protocol, **extra):
+    parser = argparse.ArgumentParser()
+    E.add_parser(parser.add_subparsers())
+    argv = [
+        "eval",
+        "--model",
+        str(model),
+        "--images",
+        str(dataset / "images"),
+        "--labels",
+        str(dataset / "labels"),
+        "--clicks",
+        "3",
+        "--protocol",
+        protocol,
+        "--json",
+        str(tmp_path / "out.json"),
+        "--table",
+        str(tmp_path / "out.md"),
+        "--device",
+        "cpu",
+    ]
+    for key, value in extra.items():
+        argv += [f"--{key}", str(value)]
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("protocol", ["fastsam3d", "cvpr25"])
+def test_cli_eval_writes_per_click_dice_for_every_structure(dataset, tmp_path, protocol):
+    weights = tmp_path / "tiny.safetensors"
+    save_model(weights, build_model("tiny"))
+    args = _args(dataset, tmp_path, weights, protocol)
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    keys = {(r["case"], r["structure"]) for r in report["results"]}
+    assert keys == {("c0", 1), ("c0", 4), ("c1", 1), ("c1", 4)}
+    for result in report["results"]:
+        assert len(result["dice"]) == 3 and all(0 <= d <= 1 for d in result["dice"])
+        assert isinstance(result["case"], str) and isinstance(result["structure"], int)
+    assert "| 1 click | 2 clicks | 3 clicks |" in (tmp_path / "out.md").read_text()
+
+
+def test_random_walker_baseline_on_the_same_clicks_scores_well(dataset, tmp_path):
+    args = _args(dataset, tmp_path, "random-walker", "fastsam3d", scoring="volume", structures=4)
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [r["structure"] for r in report["results"]] == [4, 4]
+    assert report["summary"]["mean_max_dice"] > 0.7
+    assert isinstance(RandomWalkerSegmenter().name, str)
