@@ -171,6 +171,8 @@ COMMANDS: list[Callable] = [_add_segment, _add_info]
 EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("fastsam3d.benchmark", "add_bench_command", "time the fast paths"),
     "train": ("fastsam3d.training", "add_parser", "interactive SAM-style training"),
+    "distill": ("fastsam3d.distillation", "add_parser", "layer-wise progressive distillation"),
+    "eval": ("fastsam3d.evaluation", "add_parser", "click-simulation evaluation (Dice per click)"),
 }
 """Subcommands other modules own: name -> (module, registering function, help). The module is
 imported only when its subcommand runs, so that ``fastsam3d info`` starts fast."""
