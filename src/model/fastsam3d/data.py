@@ -18,14 +18,17 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .geometry import Volume
 from .synth import SynthConfig, random_grid, sample_volume, synthesize
+
+if TYPE_CHECKING:
+    from .geometry import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,8 @@ def _to_model_grid(volume: Volume, order: int) -> np.ndarray:
 
 
 def _read_labels(case: Case) -> Volume:
+    from .geometry import Volume
+
     if isinstance(case.labels, Path):
         return Volume.from_file(case.labels)
     first = Volume.from_file(case.labels[0])
@@ -169,6 +174,8 @@ def preprocess_case(case: Case) -> dict[str, np.ndarray]:
         ``labels`` (X, Y, Z) int16 compact ids (0 = background), ``ids`` the original label
         value of each compact id, and ``image`` (X, Y, Z) float32 when the case has one.
     """
+    from .geometry import Volume
+
     labels = _read_labels(case)
     ids, compact = np.unique(labels.array, return_inverse=True)
     if ids[0] != 0:
