@@ -223,3 +223,24 @@ def test_info_on_bad_file_and_entry_point(tmp_path):
         timeout=60,
     )
     assert run.returncode == 0 and "orientation:  RAS" in run.stdout
+
+
+def test_convert_and_every_subcommand_is_registered(tmp_path, capsys):
+    import torch
+
+    import fastsam3d
+    from fastsam3d.modeling.configs import get_config
+
+    model = fastsam3d.build_model(get_config("tiny"))
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    out = tmp_path / "tiny.safetensors"
+    assert cli.main(["convert", str(tmp_path / "tiny.pth"), str(out)]) == 0
+    loaded = fastsam3d.load_model(out)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for name in ("segment", "info", "convert", *cli.EXTERNAL_COMMANDS):
+        assert name in text

@@ -2,7 +2,9 @@
 
 ``fastsam3d segment IMAGE --point I,J,K[:+|-] ... -o OUT.nii.gz`` segments one object from clicks
 (and/or replays a prompt file) and writes the label map with the source affine and header.
-``fastsam3d info FILE`` prints a volume's geometry. Subcommands register in :data:`COMMANDS`.
+``fastsam3d info FILE`` prints a volume's geometry; ``fastsam3d convert`` rewrites weights as
+safetensors. Subcommands register in :data:`COMMANDS`; those other modules own (eval, bench,
+train, distill) in :data:`EXTERNAL_COMMANDS`.
 """
 
 from __future__ import annotations
@@ -165,7 +167,25 @@ def _run_info(args) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_segment, _add_info]
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="rewrite any loadable checkpoint as weights-only safetensors"
+    )
+    p.add_argument("source", help="registry name or .pth / .pt / .safetensors file")
+    p.add_argument("output", help="OUT.safetensors")
+    p.add_argument("--block-style", choices=("fastsam3d", "sam_med3d"), default=None)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .checkpoints import convert_checkpoint
+
+    out = convert_checkpoint(args.source, args.output, block_style=args.block_style)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS: list[Callable] = [_add_segment, _add_info, _add_convert]
 """Functions that add one subparser each (``sub.add_parser(...)`` with ``func`` default)."""
 
 EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
