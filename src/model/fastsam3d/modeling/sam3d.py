@@ -43,7 +43,7 @@ class Sam3D(nn.Module):
         self.weights_id = f"random-{id(self):x}"
         self.fast_upsample = False
         self._encode_graph: GraphCache | None = None
-        self._decode_graphs: dict[int, GraphCache] | None = None
+        self._decode_graphs: dict[tuple[bool, bool], GraphCache] | None = None
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
         self.register_load_state_dict_post_hook(Sam3D._forget_dense_pe)
 
@@ -100,7 +100,13 @@ class Sam3D(nn.Module):
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._encode_graph = GraphCache(self._encode) if graphs else None
         self._decode_graphs = (
-            {m: GraphCache(functools.partial(self._decode, multimask_output=m)) for m in (0, 1)}
+            {
+                (multi, masked): GraphCache(
+                    functools.partial(self._decode, multimask_output=multi, return_mask=masked)
+                )
+                for multi in (False, True)
+                for masked in (False, True)
+            }
             if graphs
             else None
         )
@@ -150,12 +156,12 @@ class Sam3D(nn.Module):
             labels.to(device, torch.int64),
             mask_input.to(device, torch.float32),
         )
+        options = (bool(multimask_output), bool(return_mask))
         if self._decode_graphs is not None:
-            low_res, iou = self._decode_graphs[int(multimask_output)](*inputs)
+            outputs = self._decode_graphs[options](*inputs)
         else:
-            low_res, iou = self._decode(*inputs, multimask_output=multimask_output)
-        mask = self.upsample_logits(low_res) > self.mask_threshold if return_mask else None
-        return low_res, iou, mask
+            outputs = self._decode(*inputs, *options)
+        return outputs if return_mask else (*outputs, None)
 
     def _decode(
         self,
@@ -164,15 +170,19 @@ class Sam3D(nn.Module):
         labels: torch.Tensor,
         mask_input: torch.Tensor,
         multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_mask: bool,
+    ) -> tuple[torch.Tensor, ...]:
         sparse, dense = self.prompt_encoder(points=(points, labels), boxes=None, masks=mask_input)
-        return self.mask_decoder(
+        low_res, iou = self.mask_decoder(
             image_embeddings=embedding,
             image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=bool(multimask_output),
+            multimask_output=multimask_output,
         )
+        if not return_mask:
+            return low_res, iou
+        return low_res, iou, self.upsample_logits(low_res) > self.mask_threshold
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Trilinear (align_corners=False) upsampling of 32^3 logits to the 128^3 input grid."""
