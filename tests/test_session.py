@@ -225,6 +225,22 @@ def test_undo_redo_many_levels():
         session.redo()
 
 
+def test_undo_redo_of_clicks_that_span_several_rois():
+    volume, _ = _tube()
+    session = _session(volume)
+    first = session.add_point((25, 22, 75))
+    assert len(session.last_update.rois) >= 3
+    second = session.add_point((25, 22, 20), positive=False)
+    assert second.sum() < first.sum()
+    np.testing.assert_array_equal(session.undo(), first)
+    np.testing.assert_array_equal(session.undo(), np.zeros_like(first))
+    np.testing.assert_array_equal(session.redo(), first)
+    np.testing.assert_array_equal(session.redo(), second)
+    np.testing.assert_array_equal(session.undo(), first)
+    third = session.add_point((25, 22, 75))  # same state and ROIs: same result
+    np.testing.assert_array_equal(third, first)
+
+
 def test_commit_keeps_objects_and_preserves_them_unless_asked():
     volume, (a, b) = _balls(balls=((20, 20, 20, 6), (45, 40, 38, 6)))
     session = _session(volume)

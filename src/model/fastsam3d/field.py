@@ -40,11 +40,13 @@ def union_box(a: Box | None, b: Box | None) -> Box | None:
 
 @dataclass
 class Patch:
-    """Lattice regions one edit changed, with their values before and after."""
+    """Lattice regions one edit changed, holding the values the field does not hold now.
 
-    regions: list[tuple[Box, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
-        default_factory=list
-    )
+    After the edit a region keeps the values from before it; :meth:`undo` and :meth:`redo`
+    swap them with the field's, so one copy per region is kept either way.
+    """
+
+    regions: list[list] = field(default_factory=list)
 
     @property
     def box(self) -> Box | None:
@@ -54,12 +56,18 @@ class Patch:
         return out
 
     def undo(self, target: LogitField) -> None:
-        for box, old_logits, old_known, _, _ in reversed(self.regions):
-            target.logits[box], target.known[box] = old_logits, old_known
+        for region in reversed(self.regions):
+            _swap(region, target)
 
     def redo(self, target: LogitField) -> None:
-        for box, _, _, new_logits, new_known in self.regions:
-            target.logits[box], target.known[box] = new_logits, new_known
+        for region in self.regions:
+            _swap(region, target)
+
+
+def _swap(region: list, target: LogitField) -> None:
+    box, logits, known = region
+    region[1], region[2] = target.logits[box].copy(), target.known[box].copy()
+    target.logits[box], target.known[box] = logits, known
 
 
 class LogitField:
@@ -113,7 +121,7 @@ class LogitField:
         self.known[box] |= own
         padded = np.pad(self.logits[box], 1, mode="edge")
         self.logits[ring] = np.where(self.known[ring], self.logits[ring], padded)
-        return Patch([(ring, *before, self.logits[ring].copy(), self.known[ring].copy())])
+        return Patch([[ring, *before]])
 
     def lattice_to_grid(self) -> np.ndarray:
         """4x4 matrix lattice index -> resampled-grid coordinate."""
