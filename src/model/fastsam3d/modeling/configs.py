@@ -67,6 +67,14 @@ CONFIGS: dict[str, ModelConfig] = {
         global_attn_indexes=(2, 5, 8, 11),
         block_style="sam_med3d",
     ),
+    # A narrower student for CPU-interactive use (the bundled default model's architecture).
+    "fastsam3d-lite": ModelConfig(
+        name="fastsam3d-lite",
+        embed_dim=256,
+        num_heads=4,
+        prompt_dim=192,
+        decoder_mlp_dim=1024,
+    ),
     # A small random-weight model for UI and engine tests.
     "tiny": ModelConfig(
         name="tiny",
