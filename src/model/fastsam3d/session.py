@@ -22,7 +22,16 @@ from .geometry import Volume
 from .precompute import PrecomputeJob, ProgressCallback
 from .predictor import RoiPredictor
 from .roi import Roi, centred_roi, tile_origins
-from .state import Click, CommittedObject, Edit, ObjectState, SessionSettings, Update
+from .state import (
+    Click,
+    CommittedObject,
+    Edit,
+    ObjectState,
+    SessionSettings,
+    Update,
+    check_labels,
+    check_point,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +72,7 @@ class Session:
             )
         self.volume = volume
         self._settings = settings or SessionSettings()
-        self._labels = self._check_labels(labels)
+        self._labels = check_labels(labels, volume.shape)
         self._mask = np.zeros(volume.shape, dtype=bool)
         self._predictor = RoiPredictor(
             model,
@@ -156,7 +165,7 @@ class Session:
 
     def add_point_result(self, point, positive: bool = True) -> Update:
         """Like :meth:`add_point`, but return the changed box and the mask inside it."""
-        source = self._check_point(point)
+        source = check_point(point, self.volume.shape)
         roi = self._choose_roi(self._grid.source_to_grid(source))
         return self._apply(Click(tuple(float(v) for v in source), bool(positive), roi.origin))
 
@@ -256,32 +265,6 @@ class Session:
 
     def _new_object(self) -> ObjectState:
         return ObjectState(LogitField(self._grid.shape, self._predictor.roi_size))
-
-    def _check_labels(self, labels) -> np.ndarray:
-        if labels is None:
-            return np.zeros(self.volume.shape, dtype=np.uint16)
-        if not isinstance(labels, np.ndarray) or labels.shape != self.volume.shape:
-            raise InputError(f"labels must be an integer array of shape {self.volume.shape}")
-        if labels.dtype.kind not in "iu":
-            raise InputError(f"labels must have an integer dtype, got {labels.dtype}")
-        return labels
-
-    def _check_point(self, point) -> np.ndarray:
-        try:
-            source = np.asarray(point, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            source = np.zeros(0)
-        if source.shape != (3,) or not np.all(np.isfinite(source)):
-            raise InputError(
-                f"a click is three voxel indices (i, j, k) into volume.array, got {point!r}"
-            )
-        upper = np.asarray(self.volume.shape) - 1
-        if np.any(source < 0) or np.any(source > upper):
-            raise InputError(
-                f"click {tuple(source.tolist())} is outside the volume of shape "
-                f"{self.volume.shape}: each index must be within 0 .. n - 1"
-            )
-        return source
 
     def _choose_roi(self, point: np.ndarray) -> Roi:
         s, size = self._settings, self._predictor.roi_size

@@ -170,3 +170,32 @@ class Update:
     @property
     def empty(self) -> bool:
         return any(s.stop <= s.start for s in self.box)
+
+
+def check_point(point, shape) -> np.ndarray:
+    """A click as float64 (3,) voxel coordinates inside ``shape``, or :class:`InputError`."""
+    try:
+        source = np.asarray(point, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        source = np.zeros(0)
+    if source.shape != (3,) or not np.all(np.isfinite(source)):
+        raise InputError(
+            f"a click is three voxel indices (i, j, k) into volume.array, got {point!r}"
+        )
+    if np.any(source < 0) or np.any(source > np.asarray(shape) - 1):
+        raise InputError(
+            f"click {tuple(source.tolist())} is outside the volume of shape {tuple(shape)}: "
+            "each index must be within 0 .. n - 1"
+        )
+    return source
+
+
+def check_labels(labels, shape) -> np.ndarray:
+    """A label map to write into (a new uint16 one for None), or :class:`InputError`."""
+    if labels is None:
+        return np.zeros(shape, dtype=np.uint16)
+    if not isinstance(labels, np.ndarray) or labels.shape != tuple(shape):
+        raise InputError(f"labels must be an integer array of shape {tuple(shape)}")
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"labels must have an integer dtype, got {labels.dtype}")
+    return labels
