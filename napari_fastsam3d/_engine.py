@@ -40,6 +40,19 @@ def _key(prompts) -> list[tuple]:
     return [(p.index, p.positive) for p in prompts]
 
 
+def _bbox(mask: np.ndarray, box: Box) -> Box | None:
+    """Bounding box (in volume slices) of the True voxels of ``mask``, the content of ``box``."""
+    plane = mask.any(axis=2)
+    rows, cols, depth = plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1))
+    if not rows.any():
+        return None
+    spans = []
+    for flags, outer in zip((rows, cols, depth), box, strict=True):
+        hits = np.flatnonzero(flags)
+        spans.append(slice(outer.start + int(hits[0]), outer.start + int(hits[-1]) + 1))
+    return tuple(spans)
+
+
 def _union(a: Box | None, b: Box | None) -> Box | None:
     boxes = [x for x in (a, b) if x is not None and all(s.stop > s.start for s in x)]
     if not boxes:
@@ -70,6 +83,7 @@ class Engine:
         self._last_hit: bool | None = None
         self._hooks: list[Any] = []
         self._next_id = 1
+        self._shown: Box | None = None
 
     # ------------------------------------------------------------ model and volume
 
@@ -165,6 +179,7 @@ class Engine:
         seed = None if labels is None else np.array(labels, dtype=np.uint16)
         self.session = fastsam3d.Session(self.model, volume, device=self.device, labels=seed)
         self._prompts, self._redo, self._touched, self._last_hit = [], [], None, None
+        self._shown = None
         self._next_id = 1 if seed is None else int(seed.max(initial=0)) + 1
 
     @property
@@ -194,7 +209,7 @@ class Engine:
         if _key(prompts[: len(self._prompts)]) != _key(self._prompts):
             box = _union(box, self.session.reset().box)
             self._prompts, self._touched = [], None
-        for prompt in prompts[len(self._prompts):]:
+        for prompt in prompts[len(self._prompts) :]:
             update = self.session.add_point_result(prompt.index, prompt.positive)
             self._prompts.append(prompt)
             self._redo = []
@@ -235,7 +250,7 @@ class Engine:
         voxels = self._voxels()
         object_id = int(self.session.commit())
         box = self.session.last_update.box
-        self._prompts, self._redo, self._touched = [], [], None
+        self._prompts, self._redo, self._touched, self._shown = [], [], None, None
         self._next_id = max(self._next_id, object_id + 1)
         return object_id, voxels, self._next_id, box, np.array(self.session.labels[box])
 
@@ -259,20 +274,31 @@ class Engine:
             self._last_hit = update.encoded == 0
 
     def _voxels(self) -> int:
-        if self._touched is None:
+        """Voxels of the current object (all inside the bounding box last sent)."""
+        if self._shown is None:
             return 0
-        return int(np.count_nonzero(self.session.mask[self._touched]))
+        return int(np.count_nonzero(self.session.mask[self._shown]))
 
     def _change(self, box: Box | None) -> Change:
-        if box is None:
-            box = (slice(0, 0),) * 3
-        self._touched = _union(self._touched, box)
+        """The update for the GUI: only where the mask was or is (not the whole changed ROI).
+
+        The session reports every voxel whose logits were rewritten (whole ROIs); the GUI
+        needs the union of the old and the new mask's bounding boxes, usually far smaller.
+        """
         from fastsam3d.cache import DEFAULT_CACHE
 
+        mask = self.session.mask
+        if box is not None and all(s.stop > s.start for s in box):
+            self._touched = _union(self._touched, box)
+            tight = _bbox(mask[box], box)
+            send, self._shown = _union(self._shown, tight), tight
+        else:
+            send = self._shown
+        send = send or (slice(0, 0),) * 3
         return Change(
             object_id=self.current_id,
-            box=box,
-            mask=np.array(self.session.mask[box], dtype=bool),
+            box=send,
+            mask=np.array(mask[send], dtype=bool),
             prompts=tuple(self._prompts),
             voxels=self._voxels(),
             cache=CacheInfo(len(DEFAULT_CACHE), self._last_hit),

@@ -72,8 +72,9 @@ def image_affine(layer: Any) -> np.ndarray:
         stored = np.asarray(stored, dtype=np.float64)
         if stored.shape == (4, 4) and np.allclose(stored, shown, rtol=1e-6, atol=1e-4):
             return stored
-        logger.warning("layer %r: metadata affine differs from its transform; using the latter",
-                       layer.name)
+        logger.warning(
+            "layer %r: metadata affine differs from its transform; using the latter", layer.name
+        )
     return shown
 
 

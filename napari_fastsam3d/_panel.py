@@ -129,6 +129,16 @@ class Panel(QWidget):
         index = self.device_combo.findData(current)
         self.device_combo.setCurrentIndex(max(index, 0))
 
+    def show_model_source(self, source: object) -> None:
+        """Show a model being loaded in the model choice (a path goes to "Local file…")."""
+        if not isinstance(source, str):
+            return
+        index = self.model_combo.findData(source)
+        if index < 0:
+            index = self.model_combo.findData(LOCAL_FILE)
+            self.path_edit.setText(source)
+        self.model_combo.setCurrentIndex(index)
+
     def _on_model_choice(self, *_args) -> None:
         local = self.model_combo.currentData() == LOCAL_FILE
         self.path_edit.setVisible(local)
@@ -150,7 +160,9 @@ class Panel(QWidget):
 
     def _on_export_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export FastSAM3D labels", self.default_export_path(),
+            self,
+            "Export FastSAM3D labels",
+            self.default_export_path(),
             "NIfTI (*.nii.gz *.nii)",
         )
         if path:

@@ -29,8 +29,9 @@ MOUSE_HELP = (
 
 def shortcut_help() -> str:
     """The shortcut list shown in the widget (one line each)."""
-    keys = [(key.replace("Control", "Ctrl").replace("-", "+"), text)
-            for key, text in SHORTCUTS.values()]
+    keys = [
+        (key.replace("Control", "Ctrl").replace("-", "+"), text) for key, text in SHORTCUTS.values()
+    ]
     return "\n".join(f"{key}: {text}" for key, text in (*MOUSE_HELP, *keys))
 
 

@@ -121,13 +121,19 @@ def _stem(path: str | os.PathLike) -> str:
     return name
 
 
+CT_WINDOW = (-160.0, 240.0)
+"""Soft-tissue window (Hounsfield units) shown for CT volumes."""
+
+
 def _contrast_limits(data: np.ndarray) -> list[float]:
-    """Robust display range (0.5th to 99.5th percentile of a subsample)."""
+    """Display range: a soft-tissue window for CT (values in HU), else robust percentiles."""
     sample = np.asarray(data[:: max(1, data.shape[0] // 64)], dtype=np.float32).ravel()
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return [0.0, 1.0]
     low, high = np.percentile(sample, [0.5, 99.5])
+    if low <= -900 and high >= 0:  # air at about -1000 HU: a CT in Hounsfield units
+        return list(CT_WINDOW)
     if high <= low:
         high = low + 1.0
     return [float(low), float(high)]

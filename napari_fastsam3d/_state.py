@@ -137,6 +137,7 @@ class PluginState:
     device: str = "not loaded"
     cache: CacheInfo | None = None
     last_latency_ms: float | None = None
+    last_engine_ms: float | None = None
     negative_mode: bool = False
 
     def next_seq(self) -> int:
@@ -153,7 +154,8 @@ class PluginState:
             hit = {True: ", last hit", False: ", last miss", None: ""}[self.cache.last_hit]
             cache = f"cache {self.cache.entries} ROI{'s' if self.cache.entries != 1 else ''}{hit}"
         latency = (
-            "no click yet" if self.last_latency_ms is None
+            "no click yet"
+            if self.last_latency_ms is None
             else f"last click {self.last_latency_ms:.0f} ms"
         )
         return f"{self.device} · {model} · {cache} · {latency}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -18,11 +17,12 @@ import numpy as np
 from napari.layers import Image, Labels, Points
 from napari.utils.events import Event
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QTimer
 
 from . import _layers, _prompts
 from ._engine import DEFAULT_MODEL, ENV_MODEL
 from ._panel import Panel
+from ._qt_link import Outbox, ProgressBars, closer
 from ._state import (
     Committed,
     DevicesFound,
@@ -39,38 +39,6 @@ from ._worker import DecodeRequest, ModelWorker
 logger = logging.getLogger(__name__)
 
 _USER_ERRORS = ("load_model", "set_volume")
-
-
-class _Bridge(QObject):
-    """Carries model-thread messages to the GUI thread (queued connection)."""
-
-    message = Signal(object)
-
-
-class _Outbox:
-    """The model thread's only way to the GUI: emits on a parentless bridge until closed.
-
-    The bridge has no Qt parent, so it outlives the widget; :meth:`close` (GUI thread) stops all
-    further emits under a lock and then schedules the bridge's deletion on the GUI thread.
-    """
-
-    def __init__(self) -> None:
-        self.bridge = _Bridge()
-        self._lock = threading.Lock()
-        self._open = True
-
-    def __call__(self, message: object) -> None:
-        with self._lock:
-            if not self._open:
-                raise RuntimeError("the FastSAM3D widget is closed")
-            self.bridge.message.emit(message)
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._open:
-                return
-            self._open = False
-        self.bridge.deleteLater()
 
 
 class FastSAM3DWidget(Panel):
@@ -90,11 +58,13 @@ class FastSAM3DWidget(Panel):
         self._image: Image | None = None
         self._session_ready = False
         self._syncing = False
-        self._progress_bars: dict[str, Any] = {}
-        self._outbox = _Outbox()
+        self._bars = ProgressBars()
+        self.current_voxels = 0
+        self.model_error: str | None = None
+        self._outbox = Outbox()
         self._outbox.bridge.message.connect(self._on_message)
         self.worker = ModelWorker(self._outbox)
-        self.destroyed.connect(_closer(self._outbox, self.worker))
+        self.destroyed.connect(closer(self._outbox, self.worker))
         self._bound_layers: set[int] = set()
         self._connect_panel()
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -104,7 +74,7 @@ class FastSAM3DWidget(Panel):
 
     def close_worker(self) -> None:
         """Stop the model thread (also done when the widget is destroyed)."""
-        _closer(self._outbox, self.worker)()
+        closer(self._outbox, self.worker)()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self.close_worker()
@@ -114,9 +84,10 @@ class FastSAM3DWidget(Panel):
 
     def load_model(self, source: Any, device: str | None = None) -> None:
         """Load a model on the model thread (registry name, file path or module)."""
-        self.state.model_name, self._session_ready = None, False
+        self.state.model_name, self._session_ready, self.model_error = None, False, None
         label = source if isinstance(source, str) else type(source).__name__
         self.set_status(f"loading model {label} …")
+        self.show_model_source(source)
         self.worker.load_model(source, device or self.device_choice())
 
     def set_image(self, layer: Image) -> None:
@@ -203,10 +174,16 @@ class FastSAM3DWidget(Panel):
             layer.mouse_drag_callbacks.insert(
                 0, _prompts.polarity_callback(lambda: self.state.negative_mode, self._on_3d_click)
             )
-            _prompts.bind_shortcuts(layer, {
-                "toggle_polarity": self.toggle_polarity, "commit": self.commit,
-                "undo": self.undo, "redo": self.redo, "reset": self.reset_object,
-            })
+            _prompts.bind_shortcuts(
+                layer,
+                {
+                    "toggle_polarity": self.toggle_polarity,
+                    "commit": self.commit,
+                    "undo": self.undo,
+                    "redo": self.redo,
+                    "reset": self.reset_object,
+                },
+            )
             self._bound_layers.add(id(layer))
         self.viewer.layers.selection.active = layer
         layer.mode = "add"
@@ -236,7 +213,9 @@ class FastSAM3DWidget(Panel):
 
     def _on_prompts_changed(self, event: Event) -> None:
         if self._syncing or getattr(event, "action", "changed") not in (
-            "added", "removed", "changed"
+            "added",
+            "removed",
+            "changed",
         ):
             return
         if event.action == "added" and self._reject_3d:
@@ -303,8 +282,10 @@ class FastSAM3DWidget(Panel):
 
     def _on_ModelReady(self, message: ModelReady) -> None:
         self.state.model_name, self.state.device = message.name, message.device
-        show_info(f"FastSAM3D: model {message.name} ready on {message.device} "
-                  f"(warm-up {message.warmup_ms:.0f} ms)")
+        show_info(
+            f"FastSAM3D: model {message.name} ready on {message.device} "
+            f"(warm-up {message.warmup_ms:.0f} ms)"
+        )
         self._open_session()
         self.refresh_status()
 
@@ -323,7 +304,8 @@ class FastSAM3DWidget(Panel):
             return
         old = self.labels_layer.data[message.box]
         _layers.paste_box(
-            self.labels_layer, message.box,
+            self.labels_layer,
+            message.box,
             _layers.merge_object(old, message.mask, message.object_id),
         )
         if message.resync:
@@ -331,6 +313,7 @@ class FastSAM3DWidget(Panel):
                 _prompts.show_prompts(self.prompts_layer, message.prompts)
         else:
             self.state.last_latency_ms = (time.perf_counter() - message.sent_at) * 1e3
+            self.state.last_engine_ms = message.engine_ms
             self.state.shown_seq = message.seq
         self.state.cache = message.cache or self.state.cache
         self.current_voxels = message.voxels
@@ -352,25 +335,8 @@ class FastSAM3DWidget(Panel):
         self.refresh_status()
 
     def _on_Progress(self, message: Progress) -> None:
-        if message.finished:
-            self._close_progress()
-            return
-        bar = self._progress_bars.get(message.task)
-        if bar is None:
-            from napari.utils import progress
-
-            desc = {"download": "Downloading weights", "encoding": "Encoding ROI"}
-            bar = progress(total=message.total or None, desc=desc.get(message.task, message.task))
-            self._progress_bars[message.task] = bar
-            self.cancel_button.setEnabled(True)
-        bar.total = message.total or None
-        bar.update(message.done - bar.n)
-
-    def _close_progress(self) -> None:
-        for bar in self._progress_bars.values():
-            bar.close()
-        self._progress_bars.clear()
-        self.cancel_button.setEnabled(False)
+        self._bars.show(message)
+        self.cancel_button.setEnabled(self._bars.active)
 
     def _on_Failure(self, message: Failure) -> None:
         if message.cancelled:
@@ -380,6 +346,7 @@ class FastSAM3DWidget(Panel):
         else:
             show_error(f"FastSAM3D ({message.task}): {message.message}")
         if message.task == "load_model":
+            self.model_error = message.message
             self.set_status(f"model not loaded: {message.message}")
 
     # ------------------------------------------------------------ panel glue
@@ -412,8 +379,7 @@ class FastSAM3DWidget(Panel):
         )
 
     def _refresh_table(self) -> None:
-        self.show_objects(self.state.objects, self.state.current_id,
-                          getattr(self, "current_voxels", 0))
+        self.show_objects(self.state.objects, self.state.current_id, self.current_voxels)
 
     def refresh_status(self) -> None:
         self.set_status(self.state.status_line())
@@ -425,13 +391,3 @@ class FastSAM3DWidget(Panel):
             self.set_status("no model loaded: choose one above")
             return
         self.load_model(model, device)
-
-
-def _closer(outbox: _Outbox, worker: ModelWorker):
-    """A callable that closes the outbox and stops the worker; holds no reference to the widget."""
-
-    def close(*_args) -> None:
-        outbox.close()
-        worker.shutdown(timeout=0.0)
-
-    return close

@@ -149,8 +149,9 @@ class ModelWorker:
             name = "decode" if isinstance(task, DecodeRequest) else task.name
             try:
                 self._dispatch(task)
-            except Cancelled:
-                self._send(Failure(name, f"{name} cancelled", cancelled=True))
+            except Cancelled as err:
+                what = err.args[0] if err.args else name
+                self._send(Failure(name, f"{what} cancelled", cancelled=True))
                 self._resync_after_failure(task)
             except Exception as err:  # every error becomes a notification; the thread lives on
                 logger.exception("model thread: %s failed", name)

@@ -24,3 +24,19 @@ def sample_ct_path():
     from napari_fastsam3d._sample_data import sample_ct_path
 
     return sample_ct_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A random-weight "tiny" FastSAM3D saved as safetensors (a "local file" model)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import fastsam3d
+    from fastsam3d.modeling.configs import get_config
+
+    torch.manual_seed(0)
+    model = fastsam3d.build_model(get_config("tiny"))
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -106,5 +106,6 @@ def test_sample_ct_is_real_and_in_mm(sample_ct_path):
     assert data.shape == (122, 101, 30)
     assert data.min() <= -1000 and data.max() > 500  # Hounsfield units: air and bone
     np.testing.assert_allclose(kwargs["scale"], [3.0, 3.0, 3.0])
+    assert kwargs["contrast_limits"] == [-160.0, 240.0]  # soft-tissue window for CT
     assert np.array_equal(kwargs["metadata"]["affine"], nib.load(str(sample_ct_path)).affine)
     assert (sample_ct_path.parent / "README.md").read_text().count("CC-BY-4.0") >= 1

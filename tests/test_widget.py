@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+from qtpy.QtCore import Qt
 
 from napari_fastsam3d._layers import LABELS_NAME, PROMPTS_NAME
 from napari_fastsam3d._widget import FastSAM3DWidget
@@ -46,6 +47,10 @@ def click(viewer, widget, index, positive=True):
     prompts = viewer.layers[PROMPTS_NAME]
     prompts.feature_defaults = {"positive": positive}
     prompts.add(prompts.world_to_data(world))
+
+
+def labels_layer_colour(viewer, label):
+    return viewer.layers[LABELS_NAME].colormap.map(np.array([label]))[0]
 
 
 def wait_for_labels(qtbot, widget, predicate):
@@ -91,8 +96,14 @@ def test_mouse_clicks_positive_and_ctrl_negative(qtbot, blob_viewer, stand_in):
     world = np.asarray(widget._image.data_to_world([20.0, 18.0, 12.0]))
     for modifiers in ((), ("Control",)):
         event = SimpleNamespace(
-            type="mouse_press", pos=np.zeros(2), position=world, modifiers=modifiers, button=1,
-            dims_displayed=(1, 2), view_direction=None, handled=False,
+            type="mouse_press",
+            pos=np.zeros(2),
+            position=world,
+            modifiers=modifiers,
+            button=1,
+            dims_displayed=(1, 2),
+            view_direction=None,
+            handled=False,
         )
         mouse_press_callbacks(prompts, event)
         event.type = "mouse_release"
@@ -118,8 +129,9 @@ def test_undo_redo_and_reset(qtbot, blob_viewer, stand_in):
     qtbot.waitUntil(lambda: len(prompts.data) == 0, timeout=TIMEOUT)
 
 
-def test_commit_keeps_earlier_objects_and_export(qtbot, make_napari_viewer, tmp_path,
-                                                  no_autoload, stand_in):
+def test_commit_keeps_earlier_objects_and_export(
+    qtbot, make_napari_viewer, tmp_path, no_autoload, stand_in
+):
     from nifti_helpers import oblique_affine, write_nifti
 
     volume = np.full((40, 36, 24), -1000, np.int16)
@@ -140,6 +152,10 @@ def test_commit_keeps_earlier_objects_and_export(qtbot, make_napari_viewer, tmp_
     labels = viewer.layers[LABELS_NAME].data
     assert labels[10, 10, 8] == 1 and (labels == 1).sum() == widget.state.objects[1].voxels
     assert widget.table.rowCount() == 2
+    widget.table.item(0, 2).setCheckState(Qt.Unchecked)  # hide object 1
+    assert labels_layer_colour(viewer, 1)[3] == 0 and labels_layer_colour(viewer, 2)[3] > 0
+    widget.table.item(0, 2).setCheckState(Qt.Checked)
+    assert labels_layer_colour(viewer, 1)[3] > 0
     out = widget.export_labels(str(tmp_path / "two_labels.nii.gz"))
     written = nib.load(out[0])
     assert np.array_equal(written.affine, nib.load(str(source)).affine)
@@ -154,3 +170,18 @@ def test_missing_default_model_is_a_notification(qtbot, blob_viewer, monkeypatch
     click(blob_viewer, widget, (20, 18, 12))  # kept, no crash, nothing decoded
     assert len(blob_viewer.layers[PROMPTS_NAME].data) == 1
     assert not blob_viewer.layers[LABELS_NAME].data.any()
+
+
+def test_local_file_model_through_the_panel(qtbot, blob_viewer, tiny_weights):
+    widget = dock(blob_viewer)
+    qtbot.waitUntil(lambda: widget.device_combo.findData("cpu") >= 0, timeout=TIMEOUT)
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData("local file"))
+    assert not widget.path_edit.isHidden()
+    widget.path_edit.setText(str(tiny_weights))
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.load_button.click()
+    qtbot.waitUntil(lambda: widget._session_ready, timeout=TIMEOUT)
+    click(blob_viewer, widget, (20, 18, 12))
+    qtbot.waitUntil(lambda: widget.state.shown_seq == 1, timeout=TIMEOUT)
+    status = widget.status_label.text()
+    assert "tiny" in status and "cpu" in status and "last click" in status
