@@ -74,3 +74,20 @@ def test_screenshot_shows_the_mask(qtbot, make_napari_viewer, sample_ct_path, mo
     hidden = viewer.screenshot(canvas_only=True, flash=False)
     assert _mask_coloured_pixels(shown) > 1000
     assert _mask_coloured_pixels(hidden) < 50
+
+
+def test_benchmark_report_replaces_only_its_own_section(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plugin_latency.py"
+    spec = importlib.util.spec_from_file_location("plugin_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## model speed\n\nkeep me\n")
+    results = [(1000.0, 900.0, 800.0)] + [(100.0 + i, 90.0, 80.0) for i in range(5)]
+    bench.write_section(bench.report(results, warmup=1), doc)
+    bench.write_section(bench.report(results, warmup=1), doc)
+    text = doc.read_text()
+    assert text.count(bench.HEADING) == 1 and "keep me" in text
+    assert "| 102.0 |" in text  # median of 100..104

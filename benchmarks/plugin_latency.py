@@ -1,0 +1,221 @@
+"""Click -> Labels-layer-updated latency of the napari plugin on a 512 x 512 x 300 volume.
+
+Measures what a user waits for: from the moment a point lands in ``FastSAM3D prompts`` until
+``FastSAM3D labels`` shows the new mask (model thread, queued signal, box-only layer update and
+re-slice), and beside it the engine alone (``Session.add_point_result`` on the same clicks, same
+process, no napari) as the reference. Medians after warm-up; first clicks (ROI encoding)
+reported separately.
+
+Model: the FastSAM3D architecture with random weights (real encoder and decoder compute) whose
+mask output is replaced by a 30 mm ball at the click, because random weights give masks that
+fill whole ROIs and no trained weights are published yet. Run under a display (Xvfb works):
+
+    python benchmarks/plugin_latency.py                    # prints, and updates docs/BENCHMARKS.md
+    python benchmarks/plugin_latency.py --clicks 10 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+HEADING = "## napari click latency"
+SHAPE = (512, 512, 300)
+SPACING = (0.7, 0.7, 1.0)
+
+
+class BallMaskModel(nn.Module):
+    """Runs a real model's encoder and decoder, but returns a ball around the newest click.
+
+    Args:
+        model: a ``Sam3D`` (its compute is what is timed).
+        radius: ball radius in model voxels (1.5 mm each).
+    """
+
+    def __init__(self, model: nn.Module, radius: float = 20.0) -> None:
+        super().__init__()
+        self.model, self.radius, self.config = model, radius, model.config
+        grid = (torch.arange(32, dtype=torch.float32) * 4 + 1.5).tolist()
+        self.register_buffer("_lattice", torch.tensor(grid))
+
+    @property
+    def signature(self) -> str:
+        return f"ball{self.radius}:{self.model.signature}"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)
+
+    def decode(self, embedding, points, labels, mask_input=None, multimask_output=False):
+        low, iou, _ = self.model.decode(embedding, points, labels, mask_input, multimask_output)
+        centre = points[0, -1].to(self._lattice)
+        axes = [self._lattice - c for c in centre]
+        dist = (
+            axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+        ).sqrt()
+        ball = (self.radius - dist).clamp(-8, 8)[None, None].to(low)
+        return ball, iou, self.model.upsample_logits(ball) > 0
+
+
+def make_volume() -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like int16 volume: air, an elliptic body of soft tissue, a brighter organ."""
+    i, j, k = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    body = (i - 256) ** 2 / 200**2 + (j - 256) ** 2 / 150**2 <= 1
+    organ = (i - 300) ** 2 / 60**2 + (j - 230) ** 2 / 50**2 + (k - 150) ** 2 / 70**2 <= 1
+    volume = np.where(body, np.int16(40), np.int16(-1000)) + np.where(organ, 60, 0)
+    volume = np.broadcast_to(volume, SHAPE).astype(np.int16)
+    affine = np.diag([*SPACING, 1.0])
+    return volume, affine
+
+
+def click_positions(n: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """Clicks scattered inside the organ, within one model ROI (decoder-only after the first)."""
+    rng = np.random.default_rng(seed)
+    return [tuple(int(v) for v in (300, 230, 150) + rng.integers(-12, 13, 3)) for _ in range(n)]
+
+
+def build_model() -> nn.Module:
+    import fastsam3d
+    from fastsam3d.modeling.configs import get_config
+
+    torch.manual_seed(0)
+    return BallMaskModel(fastsam3d.build_model(get_config("fastsam3d")).eval())
+
+
+def reference_session(model, volume, affine):
+    """A bare ``Session`` on the same volume (no napari): the reference path."""
+    import fastsam3d
+
+    return fastsam3d.Session(model, fastsam3d.Volume(volume, affine), device="cpu")
+
+
+def reference_click(session, index) -> float:
+    """Milliseconds of ``Session.add_point_result`` for one click on a new object."""
+    start = time.perf_counter()
+    session.add_point_result(index)
+    elapsed = (time.perf_counter() - start) * 1e3
+    session.reset()
+    return elapsed
+
+
+def measure(model, volume, affine, clicks, timeout: float = 600.0):
+    """Per click: (click -> layer updated ms, engine ms, reference ms).
+
+    The plugin figures are the widget's own; each is followed by the same click on the bare
+    reference session, so that load from other processes hits both alike.
+    """
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_fastsam3d._widget import FastSAM3DWidget
+
+    viewer = napari.Viewer(show=True)
+    image = viewer.add_image(volume, scale=SPACING, name="volume")
+    widget = FastSAM3DWidget(viewer, model=model, device="cpu")
+    viewer.window.add_dock_widget(widget, name="FastSAM3D")
+    app = QApplication.instance()
+
+    def wait(predicate) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the plugin did not answer in time")
+            app.processEvents()
+            time.sleep(0.001)
+
+    wait(lambda: widget._session_ready)
+    reference = reference_session(model, volume, affine)
+    results = []
+    for index in clicks:
+        world = np.array(image.data_to_world(np.asarray(index, dtype=float)), dtype=float)
+        for axis in viewer.dims.not_displayed:
+            viewer.dims.set_point(axis, float(world[axis]))
+            world[axis] = viewer.dims.point[axis]
+        sent = widget.state.sent_seq
+        widget.prompts_layer.add(world)
+        wait(lambda sent=sent: widget.state.shown_seq > sent)
+        plugin = (widget.state.last_latency_ms, widget.state.last_engine_ms)
+        widget.reset_object()
+        wait(lambda: len(widget.prompts_layer.data) == 0)
+        app.processEvents()
+        results.append((*plugin, reference_click(reference, index)))
+    widget.close_worker()
+    viewer.close()
+    return results
+
+
+def report(results, warmup: int) -> str:
+    """The Markdown section."""
+    latency = [r[0] for r in results[warmup:]]
+    inner = [r[1] for r in results[warmup:]]
+    reference = [r[2] for r in results[warmup:]]
+    med = statistics.median
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        HEADING,
+        "",
+        f"`python benchmarks/plugin_latency.py` on {cpu}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
+        f"volume {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 at {SPACING} mm, "
+        "FastSAM3D architecture with random weights whose mask is a 30 mm ball (see the script).",
+        f"Medians of {len(latency)} clicks after {warmup} warm-up click(s); each click starts a "
+        "new object in an already encoded ROI (decoder only); plugin and reference clicks "
+        "alternate.",
+        "",
+        "| measure | median ms |",
+        "|---|---|",
+        f"| click -> `FastSAM3D labels` updated (the status line's figure) | {med(latency):.1f} |",
+        f"| of which on the model thread (engine) | {med(inner):.1f} |",
+        f"| reference: `Session.add_point_result` alone, same clicks, no napari | "
+        f"{med(reference):.1f} |",
+        f"| first click of the run (ROI encoding included; one sample) | {results[0][0]:.0f} |",
+        "",
+        f"Plugin / reference ratio: {med(latency) / med(reference):.2f}. Load average when the "
+        f"run ended: {os.getloadavg()[0]:.1f} (other jobs shared the machine: expect run-to-run "
+        "differences of tens of percent). A figure, not a pass/fail threshold; GPU figures "
+        "belong in the sections that measure the model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = DOC) -> None:
+    """Replace (or append) our section of docs/BENCHMARKS.md, keeping the other sections."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    start = old.find(HEADING)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(HEADING))
+        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clicks", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    os.environ.setdefault("NAPARI_CONFIG", "")
+    volume, affine = make_volume()
+    model = build_model()
+    clicks = click_positions(args.clicks)
+    text = report(measure(model, volume, affine, clicks), args.warmup)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
