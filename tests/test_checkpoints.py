@@ -209,3 +209,19 @@ def test_offline_download_says_where_to_put_the_file(monkeypatch, tmp_path, loca
     with pytest.raises(CheckpointError) as err:
         checkpoints.fetch_weights("local", progress=False)
     assert str(tmp_path / "cache" / "local.pth") in str(err.value)
+
+
+def test_config_stored_in_safetensors_metadata_is_honoured(tmp_path):
+    """Fields the weights cannot show (wiring with attention-free blocks, sparse attention)."""
+    config = fastsam3d.build_model("tiny").config.replace(
+        name="mine", block_style="sam_med3d", sparse_attention=((64, 1), (512, 8))
+    )
+    model = fastsam3d.build_model(config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"), metadata={"config": config.to_json()})
+    loaded = fastsam3d.load_model(tmp_path / "m.safetensors")
+    assert loaded.config == config
+    assert (
+        fastsam3d.load_model(tmp_path / "m.safetensors", block_style="fastsam3d").config.block_style
+        == "fastsam3d"
+    )

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fastsam3d import distillation as D
+from fastsam3d.checkpoints import load_model
 from fastsam3d.modeling.configs import build_model
-from fastsam3d.training_runtime import load_trained_model, resolve_config, save_model
+from fastsam3d.training_runtime import resolve_config, save_model
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_cli_distill_runs_all_stages_end_to_end(tmp_path, models):
     assert args.func(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == list(D.STAGES)
-    student = load_trained_model(out / "student.safetensors")
+    student = load_model(out / "student.safetensors")
     assert student.config.depth == 2 and student.config.block_style == "fastsam3d"
     for stage in D.STAGES:
         assert (out / f"student-{stage}.safetensors").is_file()

@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 
 from fastsam3d import training
+from fastsam3d.checkpoints import load_model
 from fastsam3d.modeling.configs import build_model, get_config
 from fastsam3d.training_runtime import (
     Budget,
     cosine_lr,
-    load_trained_model,
     resolve_config,
     setup_runtime,
 )
@@ -106,15 +106,15 @@ def test_train_writes_metrics_and_a_loadable_checkpoint_then_resumes(dataset, tm
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
-    model = load_trained_model(final)
+    model = load_model(final)
     assert model.config == TINY
-    latest = load_trained_model(run / "latest.safetensors")
+    latest = load_model(run / "latest.safetensors")
     for key, value in model.state_dict().items():
         assert torch.equal(value, latest.state_dict()[key])
     training.train(options(dataset, tmp_path, steps=3, resume=True))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    resumed = load_trained_model(run / "latest.safetensors")
+    resumed = load_model(run / "latest.safetensors")
     assert not torch.equal(resumed.image_encoder.pos_embed, model.image_encoder.pos_embed)
 
 

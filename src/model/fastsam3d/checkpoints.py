@@ -16,7 +16,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import platformdirs
 import torch
 
 from .errors import CheckpointError
-from .modeling.configs import build_model
+from .modeling.configs import ModelConfig, build_model
 from .modeling.sam3d import Sam3D
 
 logger = logging.getLogger(__name__)
@@ -275,6 +275,20 @@ def load_state(model: Sam3D, state: dict[str, torch.Tensor], source: str) -> Non
     model.load_state_dict(state, strict=True)
 
 
+def stored_config(path: Path) -> ModelConfig | None:
+    """The config a safetensors file of ours carries in its metadata (None if absent)."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            text = (handle.metadata() or {}).get("config")
+        return ModelConfig.from_json(text) if text else None
+    except Exception as err:
+        raise CheckpointError(f"{path} has an unreadable config in its metadata ({err})") from err
+
+
 def _weights_id(path: Path) -> str:
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -295,7 +309,8 @@ def load_model(
             ``.safetensors`` file (raw state dict, training checkpoint, or encoder-only
             distillation output).
         device: where the model goes.
-        block_style: "fastsam3d" or "sam_med3d"; None infers it (see :func:`infer_config`).
+        block_style: "fastsam3d" or "sam_med3d"; None takes the config stored in a
+            safetensors file written by this project, else infers it (:func:`infer_config`).
         decoder: for encoder-only files, where the prompt encoder and decoder come from
             (registry name or path); default the released FastSAM3D.
         progress: download progress (see :func:`fetch_weights`).
@@ -312,8 +327,9 @@ def load_model(
     state = read_checkpoint(path)
     if is_encoder_only(state):
         state = _complete_encoder_only(state, decoder, progress)
+    config = stored_config(path) if block_style is None else None
     try:
-        config = infer_config(state, block_style)
+        config = config or infer_config(state, block_style)
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError(f"{path} is not a FastSAM3D / SAM-Med3D checkpoint ({err})") from err
     if isinstance(source, str) and source in REGISTRY:
@@ -335,5 +351,5 @@ def convert_checkpoint(
         raise CheckpointError(f"the output must end in .safetensors, got {dst.name}")
     model = load_model(src, block_style=block_style, progress=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(dst), metadata={"config": json.dumps(asdict(model.config))})
+    save_file(state, str(dst), metadata={"config": model.config.to_json()})
     return dst

@@ -51,7 +51,7 @@ def parse_point(text: str) -> tuple[tuple[float, float, float], bool]:
 def _load_model(source: str, device):
     from .checkpoints import load_model
 
-    return load_model(source, device=device)
+    return load_model(source, device=device).prepare_inference()
 
 
 def _add_segment(sub) -> None:

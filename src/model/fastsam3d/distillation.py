@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoints import load_model
 from .clicks import sample_training_clicks
 from .data import SamplingConfig, sample_batch
 from .modeling.configs import build_model
@@ -42,7 +43,6 @@ from .training_runtime import (
     LoopSettings,
     latest_name,
     load_resume_state,
-    load_trained_model,
     resolve_config,
     run_loop,
     save_model,
@@ -207,7 +207,7 @@ class DistillOptions:
 def build_student(options: DistillOptions, teacher: Sam3D) -> Sam3D:
     """The student: ``--student`` weights, or a fresh ``--student-config`` initialised as asked."""
     if options.student:
-        return load_trained_model(options.student)
+        return load_model(options.student, progress=False)
     student = build_model(resolve_config(options.student_config, options.overrides))
     copied = transfer_from_teacher(student, teacher, encoder=options.init_student == "teacher")
     logger.info("student initialised: %d tensors copied from the teacher", len(copied))
@@ -301,7 +301,7 @@ def distill(options: DistillOptions) -> Path:
         raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
     runtime = setup_runtime(options.device, options.amp)
     generator = seed_everything(options.seed, runtime)
-    teacher = load_trained_model(options.teacher, runtime.device).requires_grad_(False)
+    teacher = load_model(options.teacher, runtime.device, progress=False).requires_grad_(False)
     student = build_student(options, teacher).to(runtime.device).train()
     backend = options.attention or ("sdpa" if runtime.device.type == "cuda" else "math")
     set_attention_backend(teacher, backend)
@@ -311,7 +311,7 @@ def distill(options: DistillOptions) -> Path:
     for stage, spec in zip(options.stages, _stage_budgets(options), strict=True):
         done = out / f"student-{stage}.safetensors"
         if options.resume and done.is_file():
-            student = load_trained_model(done, runtime.device).train()
+            student = load_model(done, runtime.device, progress=False).train()
             continue
         _run_stage(stage, spec, student, teacher, bank, generator, runtime, options)
     final = out / "student.safetensors"

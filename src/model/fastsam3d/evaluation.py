@@ -188,14 +188,14 @@ BASELINES = ("random-walker",)
 
 def build_segmenter(model: str, protocol: str, device: str | None):
     """A baseline by name (:data:`BASELINES`) or a :class:`SamSegmenter` for weights."""
-    from .training_runtime import load_trained_model
+    from .checkpoints import load_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model == "random-walker":
         from .baselines import RandomWalkerSegmenter
 
         return RandomWalkerSegmenter(dev)
-    loaded = load_trained_model(model, dev)
+    loaded = load_model(model, dev, progress=False)
     return SamSegmenter(loaded, newest_only=protocol == "fastsam3d")
 
 

@@ -12,6 +12,7 @@ import torch
 from .cache import PREPROCESSING_VERSION, EmbeddingCache, EmbeddingKey
 from .errors import InputError
 from .geometry import Volume
+from .modeling.sam3d import Sam3D
 from .roi import Roi, normalise
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class RoiPredictor:
             prev = None
             if mask_input is not None:
                 prev = torch.as_tensor(mask_input[None, None], device=self.device).to(emb.dtype)
-            low, iou, _ = self.model.decode(emb, pts, lab, mask_input=prev, multimask_output=False)
+            # Sam3D can skip the 128^3 mask: the session maps the logits itself.
+            skip_mask = {"return_mask": False} if isinstance(self.model, Sam3D) else {}
+            low, iou, _ = self.model.decode(emb, pts, lab, prev, False, **skip_mask)
             low_np = low[0, 0].float().cpu().numpy()
         return low_np, float(iou.reshape(-1)[0]), encoded

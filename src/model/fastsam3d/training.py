@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoints import load_model
 from .clicks import sample_training_clicks
 from .data import (
     SamplingConfig,
@@ -38,7 +39,6 @@ from .training_runtime import (
     LoopSettings,
     Runtime,
     load_resume_state,
-    load_trained_model,
     resolve_config,
     run_loop,
     save_model,
@@ -190,7 +190,7 @@ class TrainOptions:
 def build_or_load(options: TrainOptions, runtime: Runtime) -> Sam3D:
     """The model to train: ``--init`` weights if given, else a fresh ``--config`` model."""
     if options.init:
-        model = load_trained_model(options.init)
+        model = load_model(options.init, progress=False)
     else:
         model = build_model(resolve_config(options.config, options.overrides))
     backend = options.attention or ("sdpa" if runtime.device.type == "cuda" else "math")

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .errors import CheckpointError, InputError
-from .modeling.configs import ModelConfig, build_model, get_config
+from .modeling.configs import ModelConfig, get_config
 from .modeling.sam3d import Sam3D
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,6 @@ def resolve_config(name: str, overrides: list[str] | None = None) -> ModelConfig
     return config.replace(**changes) if changes else config
 
 
-def config_from_json(text: str) -> ModelConfig:
-    """The :class:`ModelConfig` written by :func:`save_model` (lists back to tuples)."""
-    return ModelConfig(**{k: _tuples(v) for k, v in json.loads(text).items()})
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if hasattr(model, "module") else model
@@ -139,27 +134,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def save_model(path: Path, model: Sam3D, extra: dict | None = None) -> None:
     """Write weights as safetensors (atomic), with the config and ``extra`` as JSON metadata."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"config": json.dumps(dataclasses.asdict(model.config))}
+    metadata = {"config": model.config.to_json()}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
-
-
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> Sam3D:
-    """A model from :func:`save_model`, or any checkpoint :func:`fastsam3d.load_model` reads."""
-    from .checkpoints import load_model, load_state
-
-    path = Path(path)
-    metadata = {}
-    if path.suffix == ".safetensors" and path.is_file():
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-    if "config" not in metadata:
-        return load_model(path, device=device, progress=False)
-    model = build_model(config_from_json(metadata["config"]))
-    load_state(model, load_file(str(path)), str(path))
-    return model.to(device).eval()
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -1,6 +1,7 @@
 """Model configurations: the only module that knows architectures and builds the module tree."""
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from .image_encoder import ImageEncoderViT3D
@@ -52,6 +53,21 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """JSON text of every field (stored in the metadata of the safetensors we write)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        """Inverse of :meth:`to_json` (JSON lists become tuples again)."""
+        return cls(**{k: _tuples(v) for k, v in json.loads(text).items()})
+
+
+def _tuples(value):
+    if isinstance(value, list | tuple):
+        return tuple(_tuples(v) for v in value)
+    return value
 
 
 CONFIGS: dict[str, ModelConfig] = {

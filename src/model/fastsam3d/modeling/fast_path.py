@@ -1,9 +1,7 @@
-"""Pieces of the fast inference path: exact trilinear upsampling, CUDA graphs, CPU features."""
+"""Pieces of the fast inference path: exact trilinear upsampling and CUDA graphs."""
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable
 
 import torch
@@ -33,19 +31,6 @@ def _upsample_axis(x: torch.Tensor, dim: int, factor: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = factor * n
     return torch.stack(phases, dim + 1).reshape(shape)
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class GraphCache:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RelPosAttention3D
-from .fast_path import GraphCache, cpu_has_fast_bf16, upsample_trilinear
+from .fast_path import GraphCache, upsample_trilinear
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -81,16 +81,16 @@ class Sam3D(nn.Module):
     ) -> Sam3D:
         """Switch this model to the fastest path that stays within tolerance on its device.
 
-        The encoder runs in ``dtype`` (default: bf16 on CUDA and on CPUs with native bf16
-        matrix units, else fp32) with fused attention (SDPA, the teacher's padded windows
+        The encoder runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere; pass bf16 on
+        CPUs with native bf16 matrix units, where it is about 3x faster but not yet validated
+        against trained weights) with fused attention (SDPA, the teacher's padded windows
         folded exactly) and its convolutions as matrix products; the prompt encoder and
         decoder stay fp32; on CUDA both are replayed from CUDA graphs. An unprepared model
         is the exact fp32 reference every fast path is compared with. Call after ``.to()``.
         """
         device = self.device
         if dtype is None:
-            fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-            dtype = torch.bfloat16 if fast_bf16 else torch.float32
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.image_encoder.to(dtype)
         self.image_encoder.patch_embed.as_gemm = True
         for module in self.image_encoder.modules():
@@ -115,7 +115,7 @@ class Sam3D(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Embed preprocessed crops (B, 1, 128, 128, 128) -> fp32 (B, C, 8, 8, 8)."""
         x = x.to(self.device, self.image_encoder.pos_embed.dtype)
-        if self._encode_graph is not None:
+        if self._encode_graph is not None and x.is_cuda:
             return self._encode_graph(x)[0]
         return self._encode(x)[0]
 
@@ -157,7 +157,7 @@ class Sam3D(nn.Module):
             mask_input.to(device, torch.float32),
         )
         options = (bool(multimask_output), bool(return_mask))
-        if self._decode_graphs is not None:
+        if self._decode_graphs is not None and device.type == "cuda":
             outputs = self._decode_graphs[options](*inputs)
         else:
             outputs = self._decode(*inputs, *options)
