@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ._engine import STAND_IN
+
 logger = logging.getLogger(__name__)
 
-STAND_IN = "stand-in"
 # Voxels (i, j, k) of the sample CT: liver and spleen, inside TotalSegmentator's masks of them.
 SAMPLE_CLICKS = ((91, 51, 20), (21, 33, 20))
 STEP_MS = 50
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     image = _open_image(viewer, args.image)
     from ._widget import FastSAM3DWidget
 
-    widget = FastSAM3DWidget(viewer, model=_model(args.model), device=args.device)
+    widget = FastSAM3DWidget(viewer, model=args.model, device=args.device)
     viewer.window.add_dock_widget(widget, name="FastSAM3D", area="right")
     _show_axial(viewer, image)
     if not (args.demo_clicks or args.screenshot):
@@ -103,14 +104,6 @@ def _show_axial(viewer, image) -> None:
     except (AttributeError, ValueError):  # older napari: keep its default orientation
         logger.debug("camera orientation not supported by this napari")
     viewer.reset_view()
-
-
-def _model(name: str | None):
-    if name != STAND_IN:
-        return name
-    from fastsam3d.stand_in import ThresholdModel
-
-    return ThresholdModel(threshold=0.0)
 
 
 def _clicks(image, path: str | None) -> tuple[tuple[int, int, int], ...]:

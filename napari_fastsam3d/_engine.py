@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 ENV_MODEL = "NAPARI_FASTSAM3D_MODEL"
+STAND_IN = "stand-in"
+"""The thresholding stand-in of ``fastsam3d.stand_in`` (no weights; demos and tests only)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ class Engine:
         from fastsam3d.predictor import resolve_device
 
         used = resolve_device(device)
+        if source == STAND_IN:
+            from fastsam3d.stand_in import ThresholdModel
+
+            source = ThresholdModel(threshold=0.0)
         if hasattr(source, "encode") and hasattr(source, "decode"):
             model, name = source, getattr(getattr(source, "config", None), "name", "custom")
         else:

@@ -135,6 +135,19 @@ def make_labels_layer(image_layer: Image) -> Labels:
     )
 
 
+def export_path(image_layer: Any) -> str:
+    """``<image>_labels.nii.gz`` beside the image's source file, else in the working folder."""
+    import os
+
+    source = image_layer.metadata.get("source_path") if image_layer is not None else None
+    if not source:
+        return os.path.abspath("fastsam3d_labels.nii.gz")
+    stem = os.path.basename(source)
+    for suffix in (".nii.gz", ".nii"):
+        stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
+    return os.path.join(os.path.dirname(source), f"{stem}_labels.nii.gz")
+
+
 def find_layer(viewer: napari.Viewer, name: str, kind: type) -> Any | None:
     """The layer of that name and type in the viewer, or None."""
     layer = viewer.layers[name] if name in viewer.layers else None

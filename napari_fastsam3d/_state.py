@@ -105,11 +105,16 @@ class Progress:
 
 @dataclass(frozen=True)
 class Failure:
-    """A task failed; ``message`` says what to do. ``cancelled`` for a user cancellation."""
+    """A task failed; ``message`` says what to do.
+
+    ``cancelled``: the user cancelled it. ``expected``: an error the user can cause (bad file,
+    bad click, missing weights), shown as a warning rather than as an error.
+    """
 
     task: str
     message: str
     cancelled: bool = False
+    expected: bool = False
 
 
 # ---------------------------------------------------------------- per-widget state (GUI thread)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,6 @@ from ._worker import DecodeRequest, ModelWorker
 
 logger = logging.getLogger(__name__)
 
-_USER_ERRORS = ("load_model", "set_volume")
-
 
 class FastSAM3DWidget(Panel):
     """Interactive FastSAM3D segmentation of the chosen image layer.
@@ -56,6 +55,8 @@ class FastSAM3DWidget(Panel):
         self.viewer = napari_viewer
         self.state = PluginState()
         self._image: Image | None = None
+        self.labels_layer: Labels | None = None
+        self.prompts_layer: Points | None = None
         self._session_ready = False
         self._syncing = False
         self._bars = ProgressBars()
@@ -65,7 +66,7 @@ class FastSAM3DWidget(Panel):
         self._outbox.bridge.message.connect(self._on_message)
         self.worker = ModelWorker(self._outbox)
         self.destroyed.connect(closer(self._outbox, self.worker))
-        self._bound_layers: set[int] = set()
+        self._bound_layers: set[str] = set()
         self._connect_panel()
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.connect(self._refresh_images)
@@ -92,17 +93,18 @@ class FastSAM3DWidget(Panel):
 
     def set_image(self, layer: Image) -> None:
         """Segment this image layer (3D); makes the prompts and labels layers for it."""
-        if layer is self._image:
+        if self._image is not None and layer == self._image:  # napari may hand out proxies
             return
         if layer.ndim != 3 or getattr(layer, "rgb", False) or layer.multiscale:
             show_warning(f"FastSAM3D needs a single-channel 3D image; {layer.name!r} is not one.")
             return
         self._image = layer
         self.state = PluginState(
-            image_key=f"{layer.name}@{id(layer):x}",
+            image_key=f"{layer.name}@{layer.unique_id}",
             model_name=self.state.model_name,
             device=self.state.device,
         )
+        self.labels_layer = self.prompts_layer = None  # (re)made below
         self.labels_layer = self._ensure_labels(layer)
         self.prompts_layer = self._ensure_prompts(layer)
         self._load_objects()
@@ -133,6 +135,9 @@ class FastSAM3DWidget(Panel):
 
     def export_labels(self, path: str) -> list[str]:
         """Save ``FastSAM3D labels`` through the plugin's NIfTI writer (source affine, header)."""
+        if self.labels_layer is None:
+            show_info("FastSAM3D: nothing to export yet; choose an image and click.")
+            return []
         try:
             written = self.labels_layer.save(path, plugin="napari-fastsam3d")
         except Exception as err:
@@ -143,13 +148,7 @@ class FastSAM3DWidget(Panel):
 
     def default_export_path(self) -> str:
         """``<image>_labels.nii.gz`` beside the source file (or in the working folder)."""
-        source = self._image.metadata.get("source_path") if self._image is not None else None
-        if not source:
-            return os.path.abspath("fastsam3d_labels.nii.gz")
-        stem = os.path.basename(source)
-        for suffix in (".nii.gz", ".nii"):
-            stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
-        return os.path.join(os.path.dirname(source), f"{stem}_labels.nii.gz")
+        return _layers.export_path(self._image)
 
     # ------------------------------------------------------------ layers
 
@@ -169,7 +168,7 @@ class FastSAM3DWidget(Panel):
             self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
             with self._sync():
                 _prompts.show_prompts(layer, ())
-        if id(layer) not in self._bound_layers:
+        if layer.unique_id not in self._bound_layers:
             layer.events.data.connect(self._on_prompts_changed)
             layer.mouse_drag_callbacks.insert(
                 0, _prompts.polarity_callback(lambda: self.state.negative_mode, self._on_3d_click)
@@ -184,7 +183,7 @@ class FastSAM3DWidget(Panel):
                     "reset": self.reset_object,
                 },
             )
-            self._bound_layers.add(id(layer))
+            self._bound_layers.add(layer.unique_id)
         self.viewer.layers.selection.active = layer
         layer.mode = "add"
         return layer
@@ -223,7 +222,11 @@ class FastSAM3DWidget(Panel):
             return self._drop_rows(list(range(len(self.prompts_layer.data)))[-1:])
         if event.action == "added":  # napari copies the new point's features into the defaults
             QTimer.singleShot(0, self._restore_polarity)
-        self._send_prompts()
+        try:
+            self._send_prompts()
+        except Exception as err:  # never let a prompt event break napari's event loop
+            logger.exception("FastSAM3D: sending prompts failed")
+            show_error(f"FastSAM3D: {type(err).__name__}: {err}")
 
     def _restore_polarity(self) -> None:
         if self._image is not None:
@@ -255,17 +258,14 @@ class FastSAM3DWidget(Panel):
             self.prompts_layer.selected_data = set()
             self.prompts_layer.data = self.prompts_layer.data[keep]
 
+    @contextmanager
     def _sync(self):
-        widget = self
-
-        class _Guard:
-            def __enter__(self):
-                widget._syncing = True
-
-            def __exit__(self, *exc):
-                widget._syncing = False
-
-        return _Guard()
+        """Changes to the prompts layer made here are not sent to the model thread."""
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = False
 
     # ------------------------------------------------------------ results from the model thread
 
@@ -321,6 +321,8 @@ class FastSAM3DWidget(Panel):
         self.refresh_status()
 
     def _on_Committed(self, message: Committed) -> None:
+        if self._image is None:
+            return
         block = np.array(self.labels_layer.data[message.box])
         block[block == self.state.current_id] = 0
         block[message.labels == message.object_id] = message.object_id
@@ -341,7 +343,7 @@ class FastSAM3DWidget(Panel):
     def _on_Failure(self, message: Failure) -> None:
         if message.cancelled:
             show_info(f"FastSAM3D: {message.message}")
-        elif message.task in _USER_ERRORS or message.task == "decode":
+        elif message.expected:
             show_warning(f"FastSAM3D: {message.message}")
         else:
             show_error(f"FastSAM3D ({message.task}): {message.message}")
@@ -354,11 +356,19 @@ class FastSAM3DWidget(Panel):
     def _refresh_images(self, event: Event | None = None) -> None:
         images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
         self.set_image_choices([layer.name for layer in images])
-        if self._image is not None and self._image not in images:
+        if self._image is not None and not self._layers_present(images):
             self._image, self._session_ready = None, False
+            self.set_status("the image or a FastSAM3D layer was removed: choose an image")
+        if getattr(event, "type", None) == "removed":
+            return  # never add layers while napari removes them (e.g. on close)
         if self._image is None and images:
             active = self.viewer.layers.selection.active
             self.set_image(active if isinstance(active, Image) else images[-1])
+
+    def _layers_present(self, images: list) -> bool:
+        layers = list(self.viewer.layers)
+        ours = [x for x in (self.labels_layer, self.prompts_layer) if x is not None]
+        return self._image in images and all(layer in layers for layer in ours)
 
     def _on_image_chosen(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None

@@ -149,13 +149,8 @@ class ModelWorker:
             name = "decode" if isinstance(task, DecodeRequest) else task.name
             try:
                 self._dispatch(task)
-            except Cancelled as err:
-                what = err.args[0] if err.args else name
-                self._send(Failure(name, f"{what} cancelled", cancelled=True))
-                self._resync_after_failure(task)
             except Exception as err:  # every error becomes a notification; the thread lives on
-                logger.exception("model thread: %s failed", name)
-                self._send(Failure(name, _describe(err)))
+                self._send(_failure(name, err))
                 self._resync_after_failure(task)
             finally:
                 self._send(Progress(name, 0, 0, finished=True))
@@ -239,9 +234,18 @@ class ModelWorker:
                 logger.exception("could not resync prompts")
 
 
-def _describe(err: BaseException) -> str:
-    """A one-line message for a notification: our own errors as they are, others with type."""
+def _failure(task: str, err: BaseException) -> Failure:
+    """The notification for an exception: cancellations (also wrapped ones, e.g. a download
+    aborted inside pooch), errors the user can cause, and unexpected errors with their type."""
     from fastsam3d.errors import FastSAM3DError
 
-    text = str(err) or type(err).__name__
-    return text if isinstance(err, FastSAM3DError) else f"{type(err).__name__}: {text}"
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, Cancelled):
+            what = cause.args[0] if cause.args else task
+            return Failure(task, f"{what} cancelled", cancelled=True)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, FastSAM3DError):
+        return Failure(task, str(err) or type(err).__name__, expected=True)
+    logger.exception("model thread: %s failed", task, exc_info=err)
+    return Failure(task, f"{type(err).__name__}: {err}")

@@ -12,6 +12,7 @@ def oblique_affine() -> np.ndarray:
     (LPS-like handedness) and rotations of 20, -15 and 30 degrees about x, y, z, so that any
     axis-order, sign or spacing mistake moves voxels by millimetres.
     """
+
     def rotation(axis: int, degrees: float) -> np.ndarray:
         c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
         a, b = [i for i in range(3) if i != axis]

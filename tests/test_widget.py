@@ -185,3 +185,62 @@ def test_local_file_model_through_the_panel(qtbot, blob_viewer, tiny_weights):
     qtbot.waitUntil(lambda: widget.state.shown_seq == 1, timeout=TIMEOUT)
     status = widget.status_label.text()
     assert "tiny" in status and "cpu" in status and "last click" in status
+
+
+def test_shortcuts_avoid_napari_keys_and_work(qtbot, blob_viewer):
+    from app_model.types import KeyBinding
+    from napari.components import ViewerModel
+    from napari.layers import Points
+    from napari.utils.shortcuts import default_shortcuts
+
+    from napari_fastsam3d._prompts import SHORTCUTS
+
+    taken = {str(KeyBinding.validate(k)) for keys in default_shortcuts.values() for k in keys}
+    taken |= {str(k) for k in (*Points.class_keymap, *ViewerModel.class_keymap)}
+    ours = {name: KeyBinding.validate(key) for name, (key, _) in SHORTCUTS.items()}
+    assert not {str(k) for k in ours.values()} & taken
+    widget = dock(blob_viewer)
+    prompts = blob_viewer.layers[PROMPTS_NAME]
+    bound = {str(k): func for k, func in prompts.keymap.items()}
+    bound[str(ours["toggle_polarity"])](prompts)
+    assert widget.negative_box.isChecked() and widget.state.negative_mode
+    assert not bool(prompts.feature_defaults["positive"][0])
+    bound[str(ours["toggle_polarity"])](prompts)
+    assert bool(prompts.feature_defaults["positive"][0])
+
+
+def test_clicks_in_the_3d_view_are_refused(qtbot, blob_viewer, stand_in):
+    widget = dock(blob_viewer)
+    ready(qtbot, widget, stand_in)
+    prompts = blob_viewer.layers[PROMPTS_NAME]
+    world = np.asarray(widget._image.data_to_world([20.0, 18.0, 12.0]))
+    event = SimpleNamespace(
+        type="mouse_press",
+        pos=np.zeros(2),
+        position=world,
+        modifiers=(),
+        button=1,
+        dims_displayed=(0, 1, 2),
+        view_direction=np.array([1.0, 0.0, 0.0]),
+        handled=False,
+    )
+    actions = []
+    prompts.events.data.connect(lambda e: actions.append(e.action))
+    mouse_press_callbacks(prompts, event)
+    event.type = "mouse_release"
+    mouse_release_callbacks(prompts, event)
+    assert "added" in actions  # napari added the point; the widget took it back
+    assert len(prompts.data) == 0 and widget.state.sent_seq == 0
+
+
+def test_removed_layers_are_made_again_without_losing_the_image(qtbot, blob_viewer):
+    widget = dock(blob_viewer)
+    image = widget._image
+    blob_viewer.layers.remove(LABELS_NAME)
+    assert widget._image is None and "removed" in widget.status_label.text()
+    widget._on_image_chosen(image.name)
+    assert LABELS_NAME in blob_viewer.layers and widget._image == image
+    widget._on_image_chosen(image.name)  # the same image again: nothing is made twice
+    assert [layer.name for layer in blob_viewer.layers].count(PROMPTS_NAME) == 1
+    assert len(widget._bound_layers) == 1  # the prompts layer's callbacks are bound once
+    assert widget.default_export_path().endswith("oblique_labels.nii.gz")

@@ -196,3 +196,20 @@ def test_shutdown_stops_the_thread():
     worker.shutdown()
     assert not worker.alive
     np.testing.assert_equal(worker.pending(), 0)
+
+
+def test_failures_are_classified():
+    from fastsam3d.errors import CheckpointError
+    from napari_fastsam3d._worker import Cancelled, _failure
+
+    try:
+        try:
+            raise Cancelled("download")
+        except Cancelled as inner:
+            raise CheckpointError("could not download FastSAM3D.pth") from inner
+    except CheckpointError as wrapped:
+        failure = _failure("load_model", wrapped)
+    assert failure.cancelled and failure.message == "download cancelled"
+    assert _failure("commit", CheckpointError("no file")).expected
+    unexpected = _failure("decode", ValueError("bad"))
+    assert not unexpected.expected and unexpected.message == "ValueError: bad"
