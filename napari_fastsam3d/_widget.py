@@ -189,7 +189,11 @@ class FastSAM3DWidget(Panel):
         return layer
 
     def _load_objects(self) -> None:
-        ids, counts = np.unique(self.labels_layer.data, return_counts=True)
+        data = self.labels_layer.data
+        if data.max(initial=0) == 0:  # the usual case: a new, empty labels layer
+            ids, counts = np.zeros(0, int), np.zeros(0, int)
+        else:
+            ids, counts = np.unique(data, return_counts=True)
         self.state.objects = {
             int(i): ObjectRecord(int(i), int(n)) for i, n in zip(ids, counts, strict=True) if i
         }

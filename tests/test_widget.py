@@ -244,3 +244,15 @@ def test_removed_layers_are_made_again_without_losing_the_image(qtbot, blob_view
     assert [layer.name for layer in blob_viewer.layers].count(PROMPTS_NAME) == 1
     assert len(widget._bound_layers) == 1  # the prompts layer's callbacks are bound once
     assert widget.default_export_path().endswith("oblique_labels.nii.gz")
+
+
+def test_existing_labels_are_kept_and_new_ids_follow(qtbot, blob_viewer, stand_in):
+    existing = np.zeros((40, 36, 24), np.uint16)
+    existing[0:4, 0:4, 0:4] = 5
+    blob_viewer.add_labels(existing, name=LABELS_NAME)
+    widget = dock(blob_viewer)
+    assert widget.state.current_id == 6 and widget.table.rowCount() == 2
+    ready(qtbot, widget, stand_in)
+    click(blob_viewer, widget, (20, 18, 12))
+    wait_for_labels(qtbot, widget, lambda d: d[20, 18, 12] == 6)
+    assert (blob_viewer.layers[LABELS_NAME].data == 5).sum() == 64
