@@ -31,6 +31,7 @@ MODEL_CHOICES = (
     ("FastSAM3D (download, 638 MB)", "fastsam3d"),
     ("SAM-Med3D turbo (download, 402 MB)", "sam-med3d-turbo"),
     ("Local file…", LOCAL_FILE),
+    ("Stand-in: threshold, no weights (demo)", "stand-in"),
 )
 AUTO = "auto"
 
