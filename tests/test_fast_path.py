@@ -101,3 +101,19 @@ def test_dense_pe_cache_follows_loaded_weights():
     model.load_state_dict(state)
     assert not torch.allclose(model.dense_pe(), before)
     assert torch.equal(model.dense_pe(), model.prompt_encoder.get_dense_pe())
+
+
+def test_gemm_convolutions_equal_the_convolution_layers():
+    torch.manual_seed(0)
+    model = build_model("tiny").double().eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(1, 1, 128, 128, 128, dtype=torch.float64)
+    src = torch.randn(2, 48, 8, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref_emb, ref_up = model.image_encoder(x), model.mask_decoder.upscale(src)
+        model.image_encoder.patch_embed.as_gemm = True
+        model.mask_decoder.upscale_as_gemm = True
+        emb, up = model.image_encoder(x), model.mask_decoder.upscale(src)
+    assert torch.allclose(emb, ref_emb, atol=1e-12)
+    assert torch.allclose(up, ref_up, atol=1e-12)

@@ -38,6 +38,15 @@ def union_box(a: Box | None, b: Box | None) -> Box | None:
     )
 
 
+def intersect_box(a: Box | None, b: Box | None) -> Box | None:
+    """The common part of two boxes (None if they do not overlap)."""
+    if a is None or b is None:
+        return None
+    pairs = zip(a, b, strict=True)
+    box = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in pairs)
+    return box if all(s.stop > s.start for s in box) else None
+
+
 @dataclass
 class Patch:
     """Lattice regions one edit changed, holding the values the field does not hold now.
@@ -122,6 +131,17 @@ class LogitField:
         padded = np.pad(self.logits[box], 1, mode="edge")
         self.logits[ring] = np.where(self.known[ring], self.logits[ring], padded)
         return Patch([[ring, *before]])
+
+    def positive_cells(self, cells: Box) -> Box | None:
+        """Bounding box of the known cells with logit > 0 inside ``cells`` (None if none)."""
+        positive = (self.logits[cells] > 0) & self.known[cells]
+        if not positive.any():
+            return None
+        box = []
+        for axis, s in enumerate(cells):
+            hits = np.flatnonzero(positive.any(axis=tuple(a for a in range(3) if a != axis)))
+            box.append(slice(s.start + int(hits[0]), s.start + int(hits[-1]) + 1))
+        return tuple(box)
 
     def lattice_to_grid(self) -> np.ndarray:
         """4x4 matrix lattice index -> resampled-grid coordinate."""

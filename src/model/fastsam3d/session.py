@@ -17,7 +17,7 @@ import numpy as np
 from . import growth, prompts
 from .cache import DEFAULT_CACHE, EmbeddingCache
 from .errors import InputError, SessionError
-from .field import Box, LogitField, Patch, empty_box, union_box
+from .field import Box, LogitField, Patch, empty_box, intersect_box, union_box
 from .geometry import Volume
 from .precompute import PrecomputeJob, ProgressCallback
 from .predictor import RoiPredictor
@@ -355,14 +355,25 @@ class Session:
         return points, labels
 
     def _refresh(self, cells: Box | None, **info) -> Update:
-        """Re-render the current object's mask where the lattice ``cells`` changed."""
-        obj = self._object
-        if cells is None:
+        """Re-render the current object's mask where the lattice ``cells`` changed.
+
+        Only voxels near positive logits can be in the mask, and only voxels rendered before
+        (``touched``) can leave it, so the work is bounded by the object, not the ROI.
+        """
+        obj, grid = self._object, self._grid
+        changed = None if cells is None else obj.field.source_box(cells, grid)
+        positive = None if cells is None else obj.field.positive_cells(cells)
+        render = intersect_box(obj.field.source_box(positive, grid), changed) if positive else None
+        stale = intersect_box(obj.touched, changed)
+        box = union_box(render, stale)
+        if box is None:
             self.last_update = Update(**info)
             return self.last_update
-        box = obj.field.source_box(cells, self._grid)
-        self._mask[box] = obj.field.render(self._grid, box)
-        obj.touched = union_box(obj.touched, box)
+        if stale is not None:
+            self._mask[stale] = False
+        if render is not None:
+            self._mask[render] = obj.field.render(grid, render)
+        obj.touched = union_box(obj.touched, render)
         self.last_update = Update(box, self._mask[box].copy(), **info)
         return self.last_update
 

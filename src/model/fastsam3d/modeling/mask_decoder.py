@@ -6,6 +6,19 @@ from torch import nn
 from .common import MLP, LayerNorm3d
 
 
+def conv_transpose_2x(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed 3D convolution as one matrix product.
+
+    Each input voxel writes its own 2x2x2 output block (no overlap), so the layer is a linear
+    map per voxel followed by a pixel shuffle.
+    """
+    batch, chans, d, h, w = x.shape
+    out = conv.weight.shape[1]
+    y = x.permute(0, 2, 3, 4, 1).reshape(-1, chans) @ conv.weight.reshape(chans, out * 8)
+    y = y.view(batch, d, h, w, out, 2, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return y.reshape(batch, out, 2 * d, 2 * h, 2 * w) + conv.bias.view(1, -1, 1, 1, 1)
+
+
 class MaskDecoder3D(nn.Module):
     """SAM-style decoder with hypernetwork mask heads (keys match ``mask_decoder.*``).
 
@@ -46,6 +59,7 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.upscale_as_gemm = False
 
     def forward(
         self,
@@ -93,7 +107,7 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        upscaled = self.upscale(src.transpose(1, 2).reshape(b, c, x, y, z))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
@@ -101,3 +115,10 @@ class MaskDecoder3D(nn.Module):
         b, c, x, y, z = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def upscale(self, src: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` (8^3 -> 32^3); as matrix products with ``upscale_as_gemm``."""
+        if not self.upscale_as_gemm:
+            return self.output_upscaling(src)
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        return act2(conv_transpose_2x(act1(norm(conv_transpose_2x(src, up1))), up2))

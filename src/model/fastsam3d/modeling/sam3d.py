@@ -93,6 +93,7 @@ class Sam3D(nn.Module):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.image_encoder.to(dtype)
         self.image_encoder.patch_embed.as_gemm = True
+        self.mask_decoder.upscale_as_gemm = True
         for module in self.image_encoder.modules():
             if isinstance(module, RelPosAttention3D) and module.backend == "math":
                 module.backend = "sdpa"
