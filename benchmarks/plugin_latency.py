@@ -56,14 +56,16 @@ class BallMaskModel(nn.Module):
         return self.model.encode(x)
 
     def decode(self, embedding, points, labels, mask_input=None, multimask_output=False):
-        low, iou, _ = self.model.decode(embedding, points, labels, mask_input, multimask_output)
+        low, iou, _ = self.model.decode(
+            embedding, points, labels, mask_input, multimask_output, return_mask=False
+        )
         centre = points[0, -1].to(self._lattice)
         axes = [self._lattice - c for c in centre]
         dist = (
             axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
         ).sqrt()
         ball = (self.radius - dist).clamp(-8, 8)[None, None].to(low)
-        return ball, iou, self.model.upsample_logits(ball) > 0
+        return ball, iou, None  # Session uses the low-res logits only
 
 
 def make_volume() -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +90,8 @@ def build_model() -> nn.Module:
     from fastsam3d.modeling.configs import get_config
 
     torch.manual_seed(0)
-    return BallMaskModel(fastsam3d.build_model(get_config("fastsam3d")).eval())
+    model = fastsam3d.build_model(get_config("fastsam3d")).eval().prepare_inference()
+    return BallMaskModel(model)
 
 
 def reference_session(model, volume, affine):
@@ -114,6 +117,7 @@ def measure(model, volume, affine, clicks, timeout: float = 600.0):
     reference session, so that load from other processes hits both alike.
     """
     import napari
+    from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_fastsam3d._widget import FastSAM3DWidget
@@ -124,13 +128,17 @@ def measure(model, volume, affine, clicks, timeout: float = 600.0):
     viewer.window.add_dock_widget(widget, name="FastSAM3D")
     app = QApplication.instance()
 
+    ticker = QTimer()  # wakes the blocking event wait below now and then
+    ticker.start(20)
+    blocking = QEventLoop.AllEvents | QEventLoop.WaitForMoreEvents
+
     def wait(predicate) -> None:
+        """Run napari's event loop as napari would (idle in Qt, not polling) until true."""
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 raise TimeoutError("the plugin did not answer in time")
-            app.processEvents()
-            time.sleep(0.001)
+            app.processEvents(blocking)
 
     wait(lambda: widget._session_ready)
     reference = reference_session(model, volume, affine)
@@ -148,6 +156,7 @@ def measure(model, volume, affine, clicks, timeout: float = 600.0):
         wait(lambda: len(widget.prompts_layer.data) == 0)
         app.processEvents()
         results.append((*plugin, reference_click(reference, index)))
+    ticker.stop()
     widget.close_worker()
     viewer.close()
     return results
@@ -166,7 +175,8 @@ def report(results, warmup: int) -> str:
         f"`python benchmarks/plugin_latency.py` on {cpu}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
         f"volume {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 at {SPACING} mm, "
-        "FastSAM3D architecture with random weights whose mask is a 30 mm ball (see the script).",
+        "FastSAM3D architecture (`prepare_inference()`, as the plugin loads it) with random "
+        "weights whose mask is a 30 mm ball (see the script).",
         f"Medians of {len(latency)} clicks after {warmup} warm-up click(s); each click starts a "
         "new object in an already encoded ROI (decoder only); plugin and reference clicks "
         "alternate.",
