@@ -148,6 +148,15 @@ def export_path(image_layer: Any) -> str:
     return os.path.join(os.path.dirname(source), f"{stem}_labels.nii.gz")
 
 
+def same_grid(labels_layer: Any, image_layer: Any) -> bool:
+    """Whether a labels layer lies on the image's voxel grid (shape and voxel -> world affine)."""
+    if tuple(labels_layer.data.shape) != tuple(image_layer.data.shape[-3:]):
+        return False
+    stored = labels_layer.metadata.get("affine")
+    affine = layer_affine(labels_layer) if stored is None else np.asarray(stored)
+    return bool(np.allclose(affine, image_affine(image_layer), rtol=1e-6, atol=1e-4))
+
+
 def find_layer(viewer: napari.Viewer, name: str, kind: type) -> Any | None:
     """The layer of that name and type in the viewer, or None."""
     layer = viewer.layers[name] if name in viewer.layers else None

@@ -154,7 +154,7 @@ class FastSAM3DWidget(Panel):
 
     def _ensure_labels(self, image: Image) -> Labels:
         layer = _layers.find_layer(self.viewer, _layers.LABELS_NAME, Labels)
-        if layer is not None and layer.data.shape == image.data.shape:
+        if layer is not None and _layers.same_grid(layer, image):
             return layer
         if layer is not None:  # belongs to another image: keep it under another name
             layer.name = f"{_layers.LABELS_NAME} ({layer.metadata.get('image_layer', 'old')})"
@@ -257,10 +257,10 @@ class FastSAM3DWidget(Panel):
         self.worker.decode(DecodeRequest(seq, self.state.current_id, prompts, time.perf_counter()))
 
     def _drop_rows(self, rows: list[int]) -> None:
-        keep = np.setdiff1d(np.arange(len(self.prompts_layer.data)), rows)
+        """Remove points (their features go with them), without a new decode request."""
         with self._sync():
-            self.prompts_layer.selected_data = set()
-            self.prompts_layer.data = self.prompts_layer.data[keep]
+            self.prompts_layer.selected_data = {int(r) for r in rows}
+            self.prompts_layer.remove_selected()
 
     @contextmanager
     def _sync(self):

@@ -249,10 +249,38 @@ def test_removed_layers_are_made_again_without_losing_the_image(qtbot, blob_view
 def test_existing_labels_are_kept_and_new_ids_follow(qtbot, blob_viewer, stand_in):
     existing = np.zeros((40, 36, 24), np.uint16)
     existing[0:4, 0:4, 0:4] = 5
-    blob_viewer.add_labels(existing, name=LABELS_NAME)
+    image = blob_viewer.layers[0]
+    grid = {k: getattr(image, k) for k in ("scale", "translate", "rotate", "shear", "affine")}
+    blob_viewer.add_labels(existing, name=LABELS_NAME, **grid)
     widget = dock(blob_viewer)
     assert widget.state.current_id == 6 and widget.table.rowCount() == 2
     ready(qtbot, widget, stand_in)
     click(blob_viewer, widget, (20, 18, 12))
     wait_for_labels(qtbot, widget, lambda d: d[20, 18, 12] == 6)
     assert (blob_viewer.layers[LABELS_NAME].data == 5).sum() == 64
+
+
+def test_labels_of_another_grid_are_kept_aside(qtbot, blob_viewer):
+    other = np.zeros((40, 36, 24), np.uint16)
+    other[0, 0, 0] = 3
+    blob_viewer.add_labels(other, name=LABELS_NAME, scale=(2.0, 2.0, 2.0))  # same shape, other grid
+    widget = dock(blob_viewer)
+    names = [layer.name for layer in blob_viewer.layers]
+    assert f"{LABELS_NAME} (old)" in names and LABELS_NAME in names
+    assert not blob_viewer.layers[LABELS_NAME].data.any()
+    assert blob_viewer.layers[f"{LABELS_NAME} (old)"].data[0, 0, 0] == 3
+    assert widget.state.current_id == 1
+
+
+def test_points_outside_the_image_are_dropped_with_their_polarity(qtbot, blob_viewer):
+    dock(blob_viewer)
+    prompts = blob_viewer.layers[PROMPTS_NAME]
+    image = blob_viewer.layers[0]
+    corner = np.asarray(image.data_to_world([5.0, 5.0, 5.0]))
+    with prompts.events.data.blocker():
+        prompts.data = np.array([[1e4, 0, 0], corner, [2e4, 0, 0]], dtype=float)
+        prompts.features = {"positive": [True, False, True]}
+    inside = np.asarray(image.data_to_world([20.0, 18.0, 12.0]))
+    prompts.add(inside)  # the event: three points checked, two outside the image
+    assert len(prompts.data) == 2
+    assert list(prompts.features["positive"]) == [False, True]
