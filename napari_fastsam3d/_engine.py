@@ -131,20 +131,21 @@ class Engine:
 
     def _load_weights(self, source: str, device) -> Any:
         import fastsam3d
-        from fastsam3d.checkpoints import REGISTRY
         from fastsam3d.errors import CheckpointError
-
-        if source == DEFAULT_MODEL and source not in REGISTRY:
-            raise CheckpointError(
-                "the bundled default weights are not part of this release yet. Choose "
-                "'FastSAM3D (download)' or 'Local file…' in the FastSAM3D panel, or set "
-                f"${ENV_MODEL} to a weights file."
-            )
 
         def report(done: int, total: int) -> None:
             self._progress("download", int(done), int(total))
 
-        return fastsam3d.load_model(source, device=device, progress=report)
+        try:
+            return fastsam3d.load_model(source, device=device, progress=report)
+        except CheckpointError as err:
+            if source != DEFAULT_MODEL:
+                raise
+            raise CheckpointError(
+                "the bundled default weights are not part of this installation. Choose "
+                "'FastSAM3D (download)' or 'Local file…' in the FastSAM3D panel, or set "
+                f"${ENV_MODEL} to a weights file. ({err})"
+            ) from err
 
     def _warm_up(self) -> float:
         """One encoder and one decoder call on zeros, so that the first click is not slow."""

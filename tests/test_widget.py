@@ -284,3 +284,15 @@ def test_points_outside_the_image_are_dropped_with_their_polarity(qtbot, blob_vi
     prompts.add(inside)  # the event: three points checked, two outside the image
     assert len(prompts.data) == 2
     assert list(prompts.features["positive"]) == [False, True]
+
+
+def test_progress_bars_follow_the_model_thread(qtbot, blob_viewer):
+    from napari_fastsam3d._state import Progress
+
+    widget = dock(blob_viewer)
+    widget._on_message(Progress("download", 100, 1000))
+    widget._on_message(Progress("download", 600, 1000))
+    [bar] = widget._bars._bars.values()
+    assert (bar.n, bar.total) == (600, 1000) and widget.cancel_button.isEnabled()
+    widget._on_message(Progress("load_model", 0, 0, finished=True))
+    assert not widget._bars.active and not widget.cancel_button.isEnabled()

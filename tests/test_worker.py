@@ -166,7 +166,41 @@ def test_missing_default_model_is_reported():
     worker = ModelWorker(inbox)
     worker.load_model("default", "cpu")
     failure = inbox.next(Failure)
-    assert failure.task == "load_model" and "Local file" in failure.message
+    assert failure.task == "load_model" and failure.expected
+    assert "Local file" in failure.message
+    worker.shutdown()
+
+
+def test_download_progress_and_cancel(monkeypatch):
+    import fastsam3d
+    from fastsam3d.errors import CheckpointError
+    from fastsam3d.stand_in import ThresholdModel
+
+    def fake_load_model(source, device="cpu", progress=True):
+        """Reports a download like checkpoints.fetch_weights does, then gives a model."""
+        try:
+            for done in range(0, 1001, 250):
+                progress(done, 1000)
+                time.sleep(0.05)
+        except Exception as err:  # fetch_weights wraps every download error like this
+            raise CheckpointError(f"could not download {source}") from err
+        return ThresholdModel()
+
+    monkeypatch.setattr(fastsam3d, "load_model", fake_load_model)
+    inbox = Inbox()
+    worker = ModelWorker(inbox)
+    worker.load_model("fastsam3d", "cpu")
+    steps = [inbox.next(Progress, where=lambda m: m.task == "download") for _ in range(5)]
+    assert [(m.done, m.total) for m in steps] == [(d, 1000) for d in range(0, 1001, 250)]
+    assert inbox.next(ModelReady).name == "fastsam3d"
+    inbox.hold = lambda m: isinstance(m, Progress) and m.task == "download"
+    worker.load_model("sam-med3d-turbo", "cpu")
+    inbox.next(Progress, where=lambda m: m.task == "download")
+    worker.cancel()
+    inbox.hold = lambda m: False
+    inbox.release.set()
+    failure = inbox.next(Failure)
+    assert failure.cancelled and failure.message == "download cancelled"
     worker.shutdown()
 
 
