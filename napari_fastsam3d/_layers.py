@@ -157,6 +157,14 @@ def same_grid(labels_layer: Any, image_layer: Any) -> bool:
     return bool(np.allclose(affine, image_affine(image_layer), rtol=1e-6, atol=1e-4))
 
 
+def object_counts(labels: np.ndarray) -> dict[int, int]:
+    """Voxel count of every non-zero id (a new, empty label map costs one max())."""
+    if labels.max(initial=0) == 0:
+        return {}
+    ids, counts = np.unique(labels, return_counts=True)
+    return {int(i): int(n) for i, n in zip(ids, counts, strict=True) if i}
+
+
 def find_layer(viewer: napari.Viewer, name: str, kind: type) -> Any | None:
     """The layer of that name and type in the viewer, or None."""
     layer = viewer.layers[name] if name in viewer.layers else None

@@ -189,14 +189,8 @@ class FastSAM3DWidget(Panel):
         return layer
 
     def _load_objects(self) -> None:
-        data = self.labels_layer.data
-        if data.max(initial=0) == 0:  # the usual case: a new, empty labels layer
-            ids, counts = np.zeros(0, int), np.zeros(0, int)
-        else:
-            ids, counts = np.unique(data, return_counts=True)
-        self.state.objects = {
-            int(i): ObjectRecord(int(i), int(n)) for i, n in zip(ids, counts, strict=True) if i
-        }
+        counts = _layers.object_counts(self.labels_layer.data)
+        self.state.objects = {i: ObjectRecord(i, n) for i, n in counts.items()}
         self.state.current_id = max(self.state.objects, default=0) + 1
         self._refresh_table()
 
