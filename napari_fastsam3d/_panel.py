@@ -27,7 +27,7 @@ from ._prompts import shortcut_help
 
 LOCAL_FILE = "local file"
 MODEL_CHOICES = (
-    ("Bundled default", "default"),
+    ("Bundled default (preview)", "default"),
     ("FastSAM3D (download, 638 MB)", "fastsam3d"),
     ("SAM-Med3D turbo (download, 402 MB)", "sam-med3d-turbo"),
     ("Local file…", LOCAL_FILE),

@@ -225,3 +225,19 @@ def test_config_stored_in_safetensors_metadata_is_honoured(tmp_path):
         fastsam3d.load_model(tmp_path / "m.safetensors", block_style="fastsam3d").config.block_style
         == "fastsam3d"
     )
+
+
+def test_bundled_default_model_loads_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv(checkpoints.CACHE_ENV, str(tmp_path / "empty-cache"))
+    model = fastsam3d.load_model("default")
+    assert model.config.name == "fastsam3d-lite"
+    assert not (tmp_path / "empty-cache").exists()
+    with torch.inference_mode():
+        emb = model.encode(torch.zeros(1, 1, 128, 128, 128))
+    assert emb.shape == (1, 192, 8, 8, 8) and torch.isfinite(emb).all()
+
+
+def test_missing_bundled_weights_say_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoints, "BUNDLED_WEIGHTS", tmp_path / "gone.safetensors")
+    with pytest.raises(CheckpointError, match="bundled default weights are missing"):
+        fastsam3d.load_model("default")

@@ -11,8 +11,6 @@ from scipy import ndimage
 from fastsam3d import data
 from fastsam3d.errors import InputError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-
 
 def write(path, array, affine):
     nib.save(nib.Nifti1Image(array, affine), str(path))
@@ -51,11 +49,27 @@ def test_find_cases_rejects_an_empty_folder(tmp_path):
         data.find_cases(tmp_path)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="shared real data not beside the checkout")
-def test_shared_real_data_never_yields_held_out_cases():
-    cases = data.discover_cases(REAL)
+def test_shared_real_data_layout_never_yields_held_out_cases(tmp_path):
+    """A folder laid out like shared/data/real (tiny files): training pairs only."""
+    root = tmp_path / "real"
+    tiny = np.ones((4, 4, 4), np.uint8)
+    for labels, image in data.REAL_DATA_PAIRS:
+        for name in (labels, image):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            suffix = ".mgz" if name.endswith(".mgz") else ".nii.gz"
+            target = (root / name).with_name(Path(name).name.removesuffix(suffix) + ".nii.gz")
+            write(target, tiny, np.eye(4)).rename(root / name)
+    for held_out in ("totalseg/example_seg_dicom.nii.gz", "brats/BraTS2021_01646_edema.nii.gz"):
+        (root / held_out).parent.mkdir(parents=True, exist_ok=True)
+        write(root / held_out, tiny, np.eye(4))
+    cases = data.discover_cases(root)
+    assert len(cases) == len(data.REAL_DATA_PAIRS)
     text = " ".join(str(c.labels) + str(c.image) for c in cases)
-    assert cases and not any(tag in text for tag in data.HELD_OUT)
+    assert not any(tag in text for tag in data.HELD_OUT)
+    nnunet = toy_dataset(tmp_path / "ds", cases=1)
+    write(nnunet / "labelsTr" / "brats_01646.nii.gz", tiny, np.eye(4))
+    write(nnunet / "imagesTr" / "brats_01646_0000.nii.gz", tiny, np.eye(4))
+    assert [c.name for c in data.discover_cases(nnunet)] == ["case0"]
 
 
 def test_preprocessing_reorients_to_ras_and_resamples_to_1p5mm(tmp_path):

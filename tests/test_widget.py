@@ -162,8 +162,11 @@ def test_commit_keeps_earlier_objects_and_export(
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)
 
 
-def test_missing_default_model_is_a_notification(qtbot, blob_viewer, monkeypatch):
+def test_missing_default_model_is_a_notification(qtbot, blob_viewer, monkeypatch, tmp_path):
+    from fastsam3d import checkpoints
+
     monkeypatch.delenv("NAPARI_FASTSAM3D_MODEL")
+    monkeypatch.setattr(checkpoints, "BUNDLED_WEIGHTS", tmp_path / "removed.safetensors")
     widget = dock(blob_viewer)
     qtbot.waitUntil(lambda: "not loaded" in widget.status_label.text(), timeout=TIMEOUT)
     assert "Local file" in widget.status_label.text()

@@ -157,11 +157,10 @@ def test_commit_then_stale_requests_are_ignored(started):
     assert not inbox.drain(MaskUpdate)
 
 
-def test_missing_default_model_is_reported():
-    from fastsam3d.checkpoints import REGISTRY
+def test_missing_default_model_is_reported(monkeypatch, tmp_path):
+    from fastsam3d import checkpoints
 
-    if "default" in REGISTRY:
-        pytest.skip("a bundled default model exists in this version")
+    monkeypatch.setattr(checkpoints, "BUNDLED_WEIGHTS", tmp_path / "removed.safetensors")
     inbox = Inbox()
     worker = ModelWorker(inbox)
     worker.load_model("default", "cpu")
@@ -248,3 +247,12 @@ def test_failures_are_classified():
     assert _failure("commit", CheckpointError("no file")).expected
     unexpected = _failure("decode", ValueError("bad"))
     assert not unexpected.expected and unexpected.message == "ValueError: bad"
+
+
+def test_bundled_default_model_loads():
+    inbox = Inbox()
+    worker = ModelWorker(inbox)
+    worker.load_model("default", "cpu")
+    ready = inbox.next(ModelReady)
+    assert "default" in ready.name and ready.device == "cpu"
+    worker.shutdown()

@@ -231,14 +231,25 @@ def is_encoder_only(state: dict[str, torch.Tensor]) -> bool:
     )
 
 
+DEFAULT_MODEL = "default"
+BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+
+
 def _resolve_path(source: str | os.PathLike, progress: ProgressCallback | bool) -> Path:
+    if source == DEFAULT_MODEL:
+        if not BUNDLED_WEIGHTS.is_file():
+            raise CheckpointError(
+                f"the bundled default weights are missing from this installation "
+                f"({BUNDLED_WEIGHTS}); reinstall the package or load a registered model / file"
+            )
+        return BUNDLED_WEIGHTS
     if isinstance(source, str) and source in REGISTRY:
         return fetch_weights(source, progress)
     path = Path(source).expanduser()
     if not path.exists():
         raise CheckpointError(
-            f"{source!r} is neither a registered model ({', '.join(sorted(REGISTRY))}) "
-            "nor an existing file"
+            f"{source!r} is neither a registered model ({', '.join(sorted(REGISTRY))}), "
+            f"the bundled {DEFAULT_MODEL!r} model, nor an existing file"
         )
     return path
 
@@ -305,9 +316,10 @@ def load_model(
     """Build a :class:`Sam3D` whose architecture fits the weights, and load them.
 
     Args:
-        source: a registry name (:data:`REGISTRY`) or a path to a ``.pth`` / ``.pt`` /
-            ``.safetensors`` file (raw state dict, training checkpoint, or encoder-only
-            distillation output).
+        source: ``"default"`` (the weights shipped in the package, see
+            ``weights/MODEL_CARD.md``), a registry name (:data:`REGISTRY`, downloaded on first
+            use) or a path to a ``.pth`` / ``.pt`` / ``.safetensors`` file (raw state dict,
+            training checkpoint, or encoder-only distillation output).
         device: where the model goes.
         block_style: "fastsam3d" or "sam_med3d"; None takes the config stored in a
             safetensors file written by this project, else infers it (:func:`infer_config`).

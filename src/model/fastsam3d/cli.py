@@ -23,7 +23,7 @@ from .errors import FastSAM3DError, InputError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "fastsam3d"
+DEFAULT_MODEL = "default"
 
 _POINT = re.compile(
     r"^\s*([-+]?[\d.]+(?:e[-+]?\d+)?)\s*,\s*([-+]?[\d.]+(?:e[-+]?\d+)?)\s*,"
