@@ -208,7 +208,7 @@ def test_encoding_can_be_cancelled(tiny_weights):
     worker = ModelWorker(inbox)
     worker.load_model(str(tiny_weights), "cpu")
     assert inbox.next(ModelReady).name == tiny_weights.name
-    assert worker.engine.model.fast_upsample  # prepare_inference() ran: the fast CPU path
+    assert worker.engine.model.image_encoder.patch_embed.as_gemm  # prepare_inference() ran
     worker.set_volume(blob_volume(), oblique_affine(), "blob")
     inbox.next(VolumeReady)
     worker.decode(request(1))

@@ -1,36 +1,10 @@
-"""Pieces of the fast inference path: exact trilinear upsampling and CUDA graphs."""
+"""CUDA graphs for the fast inference path."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-
-
-def upsample_trilinear(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """``F.interpolate(x, scale_factor=factor, mode="trilinear", align_corners=False)``.
-
-    Computed separably, one axis at a time: output voxel ``factor * u + r`` lies at offset
-    ``(r + 0.5) / factor - 0.5`` from input voxel ``u``, so each output phase is a fixed
-    two-tap blend of ``u`` and a neighbour; replicating the edge voxel reproduces torch's
-    clamping at the borders. Several times faster on CPU than the generic kernel.
-    """
-    for dim in range(2, x.dim()):
-        x = _upsample_axis(x, dim, factor)
-    return x
-
-
-def _upsample_axis(x: torch.Tensor, dim: int, factor: int) -> torch.Tensor:
-    n = x.shape[dim]
-    left = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim) - x
-    right = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim) - x
-    phases = []
-    for r in range(factor):
-        offset = (r + 0.5) / factor - 0.5
-        phases.append(x + abs(offset) * (left if offset < 0 else right))
-    shape = list(x.shape)
-    shape[dim] = factor * n
-    return torch.stack(phases, dim + 1).reshape(shape)
 
 
 class GraphCache:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RelPosAttention3D
-from .fast_path import GraphCache, upsample_trilinear
+from .fast_path import GraphCache
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -41,7 +41,6 @@ class Sam3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.config = config
         self.weights_id = f"random-{id(self):x}"
-        self.fast_upsample = False
         self._encode_graph: GraphCache | None = None
         self._decode_graphs: dict[tuple[bool, bool], GraphCache] | None = None
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
@@ -97,7 +96,6 @@ class Sam3D(nn.Module):
         for module in self.image_encoder.modules():
             if isinstance(module, RelPosAttention3D) and module.backend == "math":
                 module.backend = "sdpa"
-        self.fast_upsample = True
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._encode_graph = GraphCache(self._encode) if graphs else None
         self._decode_graphs = (
@@ -187,8 +185,6 @@ class Sam3D(nn.Module):
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Trilinear (align_corners=False) upsampling of 32^3 logits to the 128^3 input grid."""
-        if self.fast_upsample:
-            return upsample_trilinear(low_res, self.image_size // low_res.shape[-1])
         return F.interpolate(
             low_res, size=(self.image_size,) * 3, mode="trilinear", align_corners=False
         )
