@@ -41,6 +41,7 @@ from .training import InteractiveStep, decode_prompts, load_seed_bank
 from .training_runtime import (
     Budget,
     LoopSettings,
+    RunOptions,
     latest_name,
     load_resume_state,
     resolve_config,
@@ -174,34 +175,18 @@ def transfer_from_teacher(student: Sam3D, teacher: Sam3D, encoder: bool) -> list
 
 
 @dataclass
-class DistillOptions:
+class DistillOptions(RunOptions):
     """Everything ``fastsam3d distill`` takes (see :func:`add_parser`)."""
 
     teacher: str = ""
     student_config: str = "fastsam3d"
-    overrides: list[str] = field(default_factory=list)
     student: str | None = None
     init_student: str = "scratch"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     stage_weights: list[float] = field(default_factory=lambda: [4.0, 2.0, 2.0, 2.0])
-    data: list[str] = field(default_factory=list)
-    cache: str = ".cache/fastsam3d-seeds"
     out: str = "runs/distill"
-    resume: bool = False
-    minutes: float | None = None
-    steps: int | None = None
-    batch: int = 2
     clicks: int = 4
     lr: float = 4e-4
-    weight_decay: float = 0.1
-    crop: int = 128
-    real_prob: float = 0.3
-    amp: str = "auto"
-    attention: str | None = None
-    device: str | None = None
-    seed: int = 2023
-    log_every: int = 10
-    save_every_minutes: float = 5.0
 
 
 def build_student(options: DistillOptions, teacher: Sam3D) -> Sam3D:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from .modeling.sam3d import Sam3D
 from .training_runtime import (
     Budget,
     LoopSettings,
+    RunOptions,
     Runtime,
     load_resume_state,
     resolve_config,
@@ -159,32 +160,16 @@ class InteractiveStep(nn.Module):
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(RunOptions):
     """Everything ``fastsam3d train`` takes (see :func:`add_parser` for meanings)."""
 
     config: str = "tiny"
-    overrides: list[str] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)
-    cache: str = ".cache/fastsam3d-seeds"
     out: str = "runs/train"
     init: str | None = None
-    resume: bool = False
-    minutes: float | None = None
-    steps: int | None = None
-    batch: int = 2
     clicks: int = 8
     lr: float = 2e-4
     decoder_lr: float | None = None
-    weight_decay: float = 0.1
     freeze_encoder: bool = False
-    crop: int = 128
-    real_prob: float = 0.3
-    amp: str = "auto"
-    attention: str | None = None
-    device: str | None = None
-    seed: int = 2023
-    log_every: int = 10
-    save_every_minutes: float = 5.0
 
 
 def build_or_load(options: TrainOptions, runtime: Runtime) -> Sam3D:

@@ -107,6 +107,28 @@ def _tuples(value):
     return value
 
 
+@dataclasses.dataclass
+class RunOptions:
+    """Options every training command shares: data, budget, precision, device, logging."""
+
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    data: list[str] = dataclasses.field(default_factory=list)
+    cache: str = ".cache/fastsam3d-seeds"
+    resume: bool = False
+    minutes: float | None = None
+    steps: int | None = None
+    batch: int = 2
+    weight_decay: float = 0.1
+    crop: int = 128
+    real_prob: float = 0.3
+    amp: str = "auto"
+    attention: str | None = None
+    device: str | None = None
+    seed: int = 2023
+    log_every: int = 10
+    save_every_minutes: float = 5.0
+
+
 def resolve_config(name: str, overrides: list[str] | None = None) -> ModelConfig:
     """A registered config with ``key=value`` overrides (values as Python literals).
 
