@@ -142,3 +142,19 @@ def test_random_walker_baseline_on_the_same_clicks_scores_well(dataset, tmp_path
     assert [r["structure"] for r in report["results"]] == [4, 4]
     assert report["summary"]["mean_max_dice"] > 0.7
     assert isinstance(RandomWalkerSegmenter().name, str)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "points", "newest"),
+    [
+        ("fastsam3d", None, True),
+        ("cvpr25", None, False),
+        ("fastsam3d", "all", False),
+        ("cvpr25", "newest", True),
+    ],
+)
+def test_point_policy_follows_the_protocol_unless_chosen(tmp_path, protocol, points, newest):
+    weights = tmp_path / "tiny.safetensors"
+    save_model(weights, build_model("tiny"))
+    segmenter = E.build_segmenter(str(weights), protocol, "cpu", points)
+    assert segmenter.newest_only is newest

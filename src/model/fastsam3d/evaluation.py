@@ -186,8 +186,12 @@ def evaluate_case(segmenter, case, options, case_index: int, clip=None) -> list[
 BASELINES = ("random-walker",)
 
 
-def build_segmenter(model: str, protocol: str, device: str | None):
-    """A baseline by name (:data:`BASELINES`) or a :class:`SamSegmenter` for weights."""
+def build_segmenter(model: str, protocol: str, device: str | None, points: str | None = None):
+    """A baseline by name (:data:`BASELINES`) or a :class:`SamSegmenter` for weights.
+
+    ``points`` "newest" or "all" chooses what the decoder sees per click; None follows the
+    protocol (newest for ``fastsam3d``, all for ``cvpr25``).
+    """
     from .checkpoints import load_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -196,7 +200,8 @@ def build_segmenter(model: str, protocol: str, device: str | None):
 
         return RandomWalkerSegmenter(dev)
     loaded = load_model(model, dev, progress=False)
-    return SamSegmenter(loaded, newest_only=protocol == "fastsam3d")
+    newest = protocol == "fastsam3d" if points is None else points == "newest"
+    return SamSegmenter(loaded, newest_only=newest)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -248,7 +253,8 @@ def evaluate(options: argparse.Namespace) -> dict:
         raise InputError(f"unknown protocol {options.protocol!r}; choose from {PROTOCOLS}")
     if options.clicks < 1:
         raise InputError("--clicks must be at least 1")
-    segmenter = build_segmenter(options.model, options.protocol, options.device)
+    points = getattr(options, "points", None)
+    segmenter = build_segmenter(options.model, options.protocol, options.device, points)
     config = getattr(getattr(segmenter, "model", None), "config", None)
     clip = config.intensity_clip if config is not None else None
     cases = find_cases(options.labels, options.images)
@@ -258,6 +264,7 @@ def evaluate(options: argparse.Namespace) -> dict:
     report = {
         "model": str(options.model),
         "protocol": options.protocol,
+        "points": getattr(options, "points", None) or "protocol default",
         "clicks": options.clicks,
         "scoring": options.scoring,
         "results": results,
@@ -288,6 +295,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--min-voxels", type=int, default=10, help="skip structures smaller than this at 1.5 mm"
+    )
+    parser.add_argument(
+        "--points",
+        choices=["newest", "all"],
+        help="prompts per click: the newest point or all so far (default: as the protocol)",
     )
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
