@@ -216,7 +216,7 @@ def add_bench_command(sub) -> None:
     p.set_defaults(func=_run_bench)
 
 
-def _run_bench(args) -> int:
+def _run_bench(args) -> str:
     from .predictor import resolve_device
 
     device = resolve_device(args.device)
@@ -224,5 +224,4 @@ def _run_bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    print(format_table(report))
-    return 0
+    return format_table(report)

@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        result = args.func(args)
+        if isinstance(result, str):  # subcommands in other modules return their report
+            print(result)
+            return 0
+        return int(result or 0)
     except (FastSAM3DError, OSError) as err:
         print(f"fastsam3d: error: {err}", file=sys.stderr)
         return 2

@@ -356,9 +356,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: build :class:`DistillOptions` from ``args`` and distil."""
+def run(args: argparse.Namespace) -> str:
+    """CLI entry: build :class:`DistillOptions` from ``args`` and distil; returns the report."""
     names = DistillOptions.__dataclass_fields__
-    path = distill(DistillOptions(**{k: v for k, v in vars(args).items() if k in names}))
-    print(f"wrote {path}")
-    return 0
+    return f"wrote {distill(DistillOptions(**{k: v for k, v in vars(args).items() if k in names}))}"

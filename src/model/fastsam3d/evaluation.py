@@ -307,8 +307,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: evaluate, write the JSON (and table), print the summary table."""
+def run(args: argparse.Namespace) -> str:
+    """CLI entry: evaluate, write the JSON (and table); returns the summary table."""
     report = evaluate(args)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,5 +316,4 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(report)
     if args.table:
         Path(args.table).write_text(table)
-    print(table.split("\n\n")[0])
-    return 0
+    return table.split("\n\n")[0]

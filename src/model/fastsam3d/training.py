@@ -314,14 +314,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every-minutes", type=float, default=TrainOptions.save_every_minutes)
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: build :class:`TrainOptions` from ``args`` and train."""
+def run(args: argparse.Namespace) -> str:
+    """CLI entry: build :class:`TrainOptions` from ``args`` and train; returns the report."""
     if args.prepare_only:
-        for path in seed_files(args.data, args.cache):
-            print(path)
-        return 0
+        return "\n".join(str(path) for path in seed_files(args.data, args.cache))
     names = TrainOptions.__dataclass_fields__
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
-    path = train(options)
-    print(f"wrote {path}")
-    return 0
+    return f"wrote {train(options)}"
