@@ -1,5 +1,7 @@
 """Attention backends against the fp32 / fp64 reference path on the same layer."""
 
+import copy
+
 import pytest
 import torch
 
@@ -140,3 +142,28 @@ def test_bad_backend_and_pairs_are_refused():
         layer.backend = "sparse"
     with pytest.raises(ValueError, match="divide"):
         dilated_indices(512, 48, 1, 2)
+
+
+def test_bias_folded_into_the_dot_product_is_exact():
+    """The "flash" backend: augmented q / k through a bias-free kernel."""
+    layer = random_layer(torch.float64)
+    x = torch.randn(2, 8, 8, 8, 32, dtype=torch.float64)
+    ref, flash = run(layer, x, "math"), run(layer, x, "flash")
+    assert (flash - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+def test_flash_backend_through_prepare_inference_keeps_the_masks():
+    torch.manual_seed(0)
+    reference = build_model("tiny").eval()
+    for p in reference.parameters():
+        p.data.normal_(0, 0.05)
+    fast = copy.deepcopy(reference).prepare_inference(torch.float32, False, attention="flash")
+    assert fast.image_encoder.blocks[1].attn.backend == "flash"
+    x = torch.randn(1, 1, 128, 128, 128)
+    points, labels = torch.tensor([[[60.0, 64.0, 70.0]]]), torch.tensor([[1]])
+    with torch.inference_mode():
+        e_ref, e_fast = reference.encode(x), fast.encode(x)
+        mask_ref = reference.decode(e_ref, points, labels)[2]
+        mask_fast = fast.decode(e_fast, points, labels)[2]
+    assert (e_fast - e_ref).abs().max() <= 1e-5 * e_ref.abs().max()
+    assert 2 * (mask_ref & mask_fast).sum() / (mask_ref.sum() + mask_fast.sum()) >= 0.99

@@ -12,6 +12,9 @@ Backends (chosen once, stored on the layer; see :data:`ATTENTION_BACKENDS`):
 
 - ``"math"``: explicit fp32 logits + softmax, the reference every fast path is compared with.
 - ``"sdpa"``: the bias as an additive mask into ``scaled_dot_product_attention``.
+- ``"flash"``: the bias folded into the dot product (:mod:`.augmented_attention`), run by the
+  ``flash_attn`` package when importable on CUDA (the ``[flash]`` extra), else by a bias-free
+  ``scaled_dot_product_attention``.
 - ``"sparse"``: the paper's dilated segment attention (:mod:`.sparse_attention`) over the
   layer's ``sparse_pairs``; equals dense for one pair (N, 1).
 """
@@ -20,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augmented_attention import augmented_attention
 from .sparse_attention import sparse_dilated_attention
 
-ATTENTION_BACKENDS = ("math", "sdpa", "sparse")
+ATTENTION_BACKENDS = ("math", "sdpa", "flash", "sparse")
 
 
 def relative_position_table(
@@ -176,6 +180,9 @@ class RelPosAttention3D(nn.Module):
         if self._backend == "math":
             work = torch.promote_types(q.dtype, torch.float32)
             out = self._math(q.to(work), k.to(work), v.to(work)).to(x.dtype)
+        elif self._backend == "flash" and self.use_rel_pos:
+            tables = tuple(relative_position_table(self.size, t) for t in self.rel_pos_tables)
+            out = augmented_attention(q, k, v, tables, self.size, self.scale)
         else:
             bias = self.bias(q) if self.use_rel_pos else None
             if self._backend == "sparse":

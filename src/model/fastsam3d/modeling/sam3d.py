@@ -76,7 +76,10 @@ class Sam3D(nn.Module):
         return self._dense_pe_cache[1]
 
     def prepare_inference(
-        self, dtype: torch.dtype | None = None, cuda_graphs: bool | None = None
+        self,
+        dtype: torch.dtype | None = None,
+        cuda_graphs: bool | None = None,
+        attention: str = "sdpa",
     ) -> Sam3D:
         """Switch this model to the fastest path that stays within tolerance on its device.
 
@@ -86,6 +89,8 @@ class Sam3D(nn.Module):
         folded exactly) and its convolutions as matrix products; the prompt encoder and
         decoder stay fp32; on CUDA both are replayed from CUDA graphs. An unprepared model
         is the exact fp32 reference every fast path is compared with. Call after ``.to()``.
+        ``attention`` picks the global blocks' fused backend: "sdpa" (bias as a mask) or
+        "flash" (bias folded into the dot product; ``flash_attn`` on CUDA when installed).
         """
         device = self.device
         if dtype is None:
@@ -95,7 +100,7 @@ class Sam3D(nn.Module):
         self.mask_decoder.upscale_as_gemm = True
         for module in self.image_encoder.modules():
             if isinstance(module, RelPosAttention3D) and module.backend == "math":
-                module.backend = "sdpa"
+                module.backend = attention
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._encode_graph = GraphCache(self._encode) if graphs else None
         self._decode_graphs = (
