@@ -55,7 +55,7 @@ def padded_keys_log_weight(
     # Padded keys = {kw >= G} + {kw < G, kd >= G} + {kw, kd < G, kh >= G}: three disjoint
     # sums of positive terms, so no cancellation happens in log space.
     b_all, b_real, b_pad = (t.logsumexp(dim=3) for t in (b, b[..., :grid, :], b[..., grid:, :]))
-    c_all, c_real, c_pad = (t.logsumexp(dim=3) for t in (c, c[..., :grid, :], c[..., grid:, :]))
+    c_all, c_pad = (t.logsumexp(dim=3) for t in (c, c[..., grid:, :]))
     parts = [
         a[..., grid:] + (b_all + c_all)[:, :, :, None, grid:],
         a[..., :grid] + (b_pad + c_all)[:, :, :, None, :grid],
