@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from fastsam3d.field import union_box
+
 from ._state import Box, CacheInfo, Prompt
 
 logger = logging.getLogger(__name__)
@@ -53,15 +55,6 @@ def _bbox(mask: np.ndarray, box: Box) -> Box | None:
         hits = np.flatnonzero(flags)
         spans.append(slice(outer.start + int(hits[0]), outer.start + int(hits[-1]) + 1))
     return tuple(spans)
-
-
-def _union(a: Box | None, b: Box | None) -> Box | None:
-    boxes = [x for x in (a, b) if x is not None and all(s.stop > s.start for s in x)]
-    if not boxes:
-        return None
-    return tuple(
-        slice(min(x[i].start for x in boxes), max(x[i].stop for x in boxes)) for i in range(3)
-    )
 
 
 class Engine:
@@ -222,14 +215,14 @@ class Engine:
             return None
         box = None
         if _key(prompts[: len(self._prompts)]) != _key(self._prompts):
-            box = _union(box, self.session.reset().box)
+            box = union_box(box, self.session.reset().box)
             self._prompts, self._touched = [], None
         for prompt in prompts[len(self._prompts) :]:
             update = self.session.add_point_result(prompt.index, prompt.positive)
             self._prompts.append(prompt)
             self._redo = []
             self._note(update)
-            box = _union(box, update.box)
+            box = union_box(box, update.box)
         return self._change(box)
 
     def undo(self) -> Change | None:
@@ -284,7 +277,7 @@ class Engine:
             raise _session_error("no image is open in the FastSAM3D panel yet: choose an image")
 
     def _note(self, update) -> None:
-        self._touched = _union(self._touched, update.box)
+        self._touched = union_box(self._touched, update.box)
         if update.rois:
             self._last_hit = update.encoded == 0
 
@@ -304,9 +297,9 @@ class Engine:
 
         mask = self.session.mask
         if box is not None and all(s.stop > s.start for s in box):
-            self._touched = _union(self._touched, box)
+            self._touched = union_box(self._touched, box)
             tight = _bbox(mask[box], box)
-            send, self._shown = _union(self._shown, tight), tight
+            send, self._shown = union_box(self._shown, tight), tight
         else:
             send = self._shown
         send = send or (slice(0, 0),) * 3

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from nibabel import orientations as ornt_lib
+from nifti_helpers import oblique_affine
 from scipy import ndimage
 
 from fastsam3d import GeometryError, InputError, Session, Volume
@@ -19,14 +20,6 @@ from fastsam3d.geometry import ModelGrid, translation, validate_affine
 from fastsam3d.roi import Roi, normalise
 from fastsam3d.sampling import interpolate_axis_aligned
 from fastsam3d.stand_in import ThresholdModel
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    a, b = [i for i in range(3) if i != axis]
-    r = np.eye(3)
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
 
 
 def _affine(linear, offset) -> np.ndarray:
@@ -39,13 +32,7 @@ def _affine(linear, offset) -> np.ndarray:
 NAMED = {
     # Oblique scanner geometry: rotations of 20, -15, 30 degrees (as a tilted head MR acquisition),
     # 0.8 x 0.9 x 2.5 mm, j flipped.
-    "oblique": (
-        _affine(
-            _rotation(2, 30) @ _rotation(1, -15) @ _rotation(0, 20) @ np.diag([0.8, -0.9, 2.5]),
-            [-97.25, 41.5, -20.125],
-        ),
-        (96, 90, 36),
-    ),
+    "oblique": (oblique_affine(), (96, 90, 36)),
     # DICOM/ITK convention stored as is: LPS voxel axes (what SimpleITK writes for an axial CT
     # read without reorientation), 1.2 mm.
     "lps": (_affine(np.diag([-1.2, -1.2, 1.2]), [120.0, 110.0, -40.0]), (80, 84, 70)),

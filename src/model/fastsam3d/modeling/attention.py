@@ -30,21 +30,23 @@ ATTENTION_BACKENDS = ("math", "sdpa", "flash", "sparse")
 
 
 def relative_position_table(
-    size: int, table: torch.Tensor, extent: int | None = None
+    size: int, table: torch.Tensor, extent: int | None = None, cols: int | None = None
 ) -> torch.Tensor:
-    """R[a, b] = table[a - b + extent - 1] for a, b < size, shape (size, size, C).
+    """R[a, b] = table[a - b + extent - 1] for a < size, b < cols, shape (size, cols, C).
 
     ``extent`` is the side the (2 * extent - 1, C) table was made for (default ``size``);
-    a smaller ``size`` takes the top-left corner, as for the real tokens of a padded window.
+    a smaller ``size`` / ``cols`` (default ``size``) takes the top-left corner, as for the real
+    tokens of a padded window.
     """
     extent = size if extent is None else extent
+    cols = size if cols is None else cols
     if table.shape[0] != 2 * extent - 1:
         raise ValueError(
             f"relative-position table has {table.shape[0]} rows, expected {2 * extent - 1} "
             f"for an attention extent of {extent}"
         )
-    idx = torch.arange(size, device=table.device)
-    return table[idx[:, None] - idx[None, :] + extent - 1]
+    rows = torch.arange(size, device=table.device)[:, None]
+    return table[rows - torch.arange(cols, device=table.device)[None, :] + extent - 1]
 
 
 def rel_pos_terms(

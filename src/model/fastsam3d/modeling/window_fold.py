@@ -17,14 +17,7 @@ for the turbo teacher).
 import torch
 import torch.nn.functional as F
 
-from .attention import RelPosAttention3D, rel_pos_terms
-
-
-def _corner_table(rows: int, cols: int, table: torch.Tensor, extent: int) -> torch.Tensor:
-    """R[a, b] = table[a - b + extent - 1] for a < rows, b < cols: (rows, cols, C)."""
-    a = torch.arange(rows, device=table.device)[:, None]
-    b = torch.arange(cols, device=table.device)[None, :]
-    return table[a - b + extent - 1]
+from .attention import RelPosAttention3D, rel_pos_terms, relative_position_table
 
 
 def padded_keys_log_weight(
@@ -45,9 +38,9 @@ def padded_keys_log_weight(
     r_q = q.reshape(batch, grid, grid, grid, dim)
     pad = q_pad.reshape(-1, 1, 1, 1, dim).expand(batch, grid, grid, window - grid, dim)
     q_ext = torch.cat([r_q, pad], dim=3)  # query "borrowed" at w-index in [0, window)
-    rd = _corner_table(grid, window, tables[0], window).to(q.dtype)
-    rh = _corner_table(grid, window, tables[1], window).to(q.dtype)
-    rw = _corner_table(window, window, tables[2], window).to(q.dtype)
+    rd = relative_position_table(grid, tables[0], window, cols=window).to(q.dtype)
+    rh = relative_position_table(grid, tables[1], window, cols=window).to(q.dtype)
+    rw = relative_position_table(window, tables[2]).to(q.dtype)
     a = torch.einsum("bdhwc,dkc->bdhwk", r_q, rd)  # (B*, qd, qh, qw, kw)
     b = torch.einsum("bdhkc,hjc->bdhkj", q_ext, rh)  # (B*, qd, qh, kd, kw)
     c = torch.einsum("bdhkc,kjc->bdhkj", q_ext, rw)  # (B*, qd, qh, kh, kw)
