@@ -15,7 +15,9 @@ from fastsam3d.checkpoints import load_model
 from fastsam3d.modeling.configs import build_model, get_config
 from fastsam3d.training_runtime import (
     Budget,
+    Runtime,
     cosine_lr,
+    load_resume_state,
     resolve_config,
     setup_runtime,
 )
@@ -71,6 +73,26 @@ def test_cosine_schedule_and_budget():
     assert cosine_lr(1.0, 1.0) == pytest.approx(0.05)
     budget = Budget(None, 10, start_step=5)
     assert budget.progress == pytest.approx(0.5)
+
+
+def test_stop_after_minutes_pauses_without_shortening_the_schedule():
+    runtime = setup_runtime("cpu", "off")
+    budget = Budget(10.0, None, stop_after_minutes=0.0)
+    assert budget.done(runtime) and budget.progress < 0.01
+    assert not Budget(10.0, None, stop_after_minutes=5.0).done(runtime)
+
+
+def test_resumed_ranks_draw_different_batches(dataset, tmp_path):
+    training.train(options(dataset, tmp_path, steps=1))
+    draws = []
+    for rank in (0, 1):
+        runtime = Runtime(torch.device("cpu"), rank=rank, world_size=2)
+        model = build_model(TINY)
+        optimizer = training.make_optimizer(model, options(dataset, tmp_path))
+        generator = torch.Generator()
+        load_resume_state(tmp_path / "run", "latest", model, optimizer, generator, runtime)
+        draws.append(torch.rand(4, generator=generator))
+    assert not torch.equal(draws[0], draws[1])
 
 
 def test_resolve_config_overrides():

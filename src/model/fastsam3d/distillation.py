@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,13 +232,18 @@ def _stage_module(stage: str, student: Sam3D, teacher: Sam3D, options: DistillOp
     return module, optimizer
 
 
-def _run_stage(stage, budget_spec, student, teacher, bank, generator, runtime, options) -> Path:
+def _run_stage(
+    stage, budget_spec, student, teacher, bank, generator, runtime, options, stop_minutes
+) -> Path | None:
+    """Train one stage; None when ``stop_minutes`` ran out first (resume later)."""
     out = Path(options.out)
     module, optimizer = _stage_module(stage, student, teacher, options)
     module.to(runtime.device)
     counters = {"step": 0, "elapsed_s": 0.0}
     if options.resume and (out / f"{latest_name(stage)}.optim.safetensors").is_file():
-        counters = load_resume_state(out, latest_name(stage), student, optimizer, generator)
+        counters = load_resume_state(
+            out, latest_name(stage), student, optimizer, generator, runtime
+        )
     wrapped = module
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -245,7 +251,7 @@ def _run_stage(stage, budget_spec, student, teacher, bank, generator, runtime, o
     sampling = SamplingConfig(
         size=options.crop, real_prob=options.real_prob, clip=teacher.config.intensity_clip
     )
-    budget = Budget(*budget_spec, counters["step"], counters["elapsed_s"])
+    budget = Budget(*budget_spec, counters["step"], counters["elapsed_s"], stop_minutes)
     on_step = _layer_schedule(module, student.config.depth) if stage == "layerwise" else None
     settings = LoopSettings(
         out, options.batch, budget_spec[1], options.log_every, options.save_every_minutes, stage
@@ -260,6 +266,8 @@ def _run_stage(stage, budget_spec, student, teacher, bank, generator, runtime, o
         settings,
         on_step,
     )
+    if budget.progress < 1.0:
+        return None
     path = out / f"student-{stage}.safetensors"
     if runtime.is_main:
         save_model(path, student, {"stage": stage, "steps": budget.step})
@@ -274,12 +282,13 @@ def _layer_schedule(module: DistillStep, depth: int):
     return update
 
 
-def distill(options: DistillOptions) -> Path:
+def distill(options: DistillOptions) -> Path | None:
     """Run the requested stages in order; returns the final student weights.
 
     Writes ``student-STAGE.safetensors`` after each stage, ``STAGE-latest`` resume state and
     ``metrics.jsonl`` under ``options.out``, and ``student.safetensors`` at the end. With
-    ``resume``, stages whose ``student-STAGE.safetensors`` exists are skipped.
+    ``resume``, stages whose ``student-STAGE.safetensors`` exists are skipped. When
+    ``stop_after_minutes`` runs out first, returns None (continue with ``resume``).
     """
     unknown = [s for s in options.stages if s not in STAGES]
     if unknown:
@@ -293,12 +302,21 @@ def distill(options: DistillOptions) -> Path:
     set_attention_backend(student, backend)
     bank = load_seed_bank(options.data, options.cache, runtime.device)
     out = Path(options.out)
+    deadline = None
+    if options.stop_after_minutes is not None:
+        deadline = time.monotonic() + 60 * options.stop_after_minutes
     for stage, spec in zip(options.stages, _stage_budgets(options), strict=True):
         done = out / f"student-{stage}.safetensors"
         if options.resume and done.is_file():
             student = load_model(done, runtime.device, progress=False).train()
             continue
-        _run_stage(stage, spec, student, teacher, bank, generator, runtime, options)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0) / 60
+        finished = _run_stage(
+            stage, spec, student, teacher, bank, generator, runtime, options, left
+        )
+        if finished is None:
+            logger.info("stopped during stage %s: continue with --resume", stage)
+            return None
     final = out / "student.safetensors"
     if runtime.is_main:
         save_model(final, student, {"stages": options.stages})
@@ -359,4 +377,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> str:
     """CLI entry: build :class:`DistillOptions` from ``args`` and distil; returns the report."""
     names = DistillOptions.__dataclass_fields__
-    return f"wrote {distill(DistillOptions(**{k: v for k, v in vars(args).items() if k in names}))}"
+    final = distill(DistillOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    if final is None:
+        return "stopped early (--stop-after-minutes): rerun with --resume"
+    return f"wrote {final}"

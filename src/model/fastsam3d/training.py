@@ -227,7 +227,7 @@ def train(options: TrainOptions) -> Path:
     out = Path(options.out)
     counters = {"step": 0, "elapsed_s": 0.0}
     if options.resume:
-        counters = load_resume_state(out, "latest", model, optimizer, generator)
+        counters = load_resume_state(out, "latest", model, optimizer, generator, runtime)
     step_module = InteractiveStep(model, options.clicks, options.freeze_encoder)
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -238,7 +238,13 @@ def train(options: TrainOptions) -> Path:
     sampling = SamplingConfig(
         size=options.crop, real_prob=options.real_prob, clip=model.config.intensity_clip
     )
-    budget = Budget(options.minutes, options.steps, counters["step"], counters["elapsed_s"])
+    budget = Budget(
+        options.minutes,
+        options.steps,
+        counters["step"],
+        counters["elapsed_s"],
+        options.stop_after_minutes,
+    )
     run_loop(
         step_module,
         optimizer,
@@ -312,6 +318,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=TrainOptions.seed)
     parser.add_argument("--log-every", type=int, default=TrainOptions.log_every)
     parser.add_argument("--save-every-minutes", type=float, default=TrainOptions.save_every_minutes)
+    parser.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        help="end this run early (checkpoint saved) without shortening the schedule; "
+        "continue with --resume",
+    )
 
 
 def run(args: argparse.Namespace) -> str:

@@ -127,6 +127,7 @@ class RunOptions:
     seed: int = 2023
     log_every: int = 10
     save_every_minutes: float = 5.0
+    stop_after_minutes: float | None = None
 
 
 def resolve_config(name: str, overrides: list[str] | None = None) -> ModelConfig:
@@ -191,8 +192,13 @@ def save_checkpoint(
     return directory / f"{name}.safetensors"
 
 
-def load_resume_state(directory: Path, name: str, model: Sam3D, optimizer, generator) -> dict:
+def load_resume_state(
+    directory: Path, name: str, model: Sam3D, optimizer, generator, runtime: Runtime | None = None
+) -> dict:
     """Restore weights, optimizer and random states written by :func:`save_checkpoint`.
+
+    Only rank 0's generator state is saved, so under DDP every rank's generator is re-seeded
+    from its rank and the step instead (ranks must not draw the same batches).
 
     Returns:
         The loop counters stored with them.
@@ -220,13 +226,19 @@ def load_resume_state(directory: Path, name: str, model: Sam3D, optimizer, gener
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     generator.set_state(tensors["rng.device"])
     torch.set_rng_state(tensors["rng.torch"])
-    return meta["counters"]
+    counters = meta["counters"]
+    if runtime is not None and runtime.world_size > 1:
+        offset = 7919 * (runtime.rank + 1) + counters["step"]
+        generator.manual_seed(int(generator.initial_seed()) + offset)
+    return counters
 
 
 class Budget:
     """Training progress in [0, 1] from steps and wall-clock minutes, whichever ends first.
 
-    All ranks agree on when to stop: the decision is all-reduced when distributed.
+    ``stop_after_minutes`` ends this process's share early (a run split over several
+    ``--resume`` calls) without changing the schedule. All ranks agree on when to stop: the
+    decision is all-reduced when distributed.
     """
 
     def __init__(
@@ -235,6 +247,7 @@ class Budget:
         max_steps: int | None,
         start_step: int = 0,
         spent_s: float = 0.0,
+        stop_after_minutes: float | None = None,
     ) -> None:
         if minutes is None and max_steps is None:
             raise InputError("give a time budget (--minutes) or a step count (--steps)")
@@ -242,6 +255,7 @@ class Budget:
         self.max_steps = max_steps
         self.step = start_step
         self.spent_s = spent_s
+        self.stop_s = None if stop_after_minutes is None else 60.0 * stop_after_minutes
         self._start = time.monotonic()
 
     @property
@@ -258,7 +272,8 @@ class Budget:
         return min(max(parts), 1.0)
 
     def done(self, runtime: Runtime) -> bool:
-        flag = torch.tensor([float(self.progress >= 1.0)], device=runtime.device)
+        paused = self.stop_s is not None and time.monotonic() - self._start >= self.stop_s
+        flag = torch.tensor([float(self.progress >= 1.0 or paused)], device=runtime.device)
         if runtime.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
