@@ -68,6 +68,17 @@ def test_dice_ce_loss_is_small_for_a_perfect_prediction_and_respects_weights():
     assert training.dice_ce_loss(mixed, target, torch.tensor([1.0, 0.0])) < 1e-3
 
 
+def test_plain_loss_is_soft_dice_plus_voxel_mean_bce():
+    logits = torch.randn((1, 1, 4, 4, 4))
+    target = logits + 0.5 * torch.randn_like(logits) > 0
+    prob = logits.sigmoid()
+    dice = 1 - (2 * (prob * target).sum() + 1e-5) / (prob.square().sum() + target.sum() + 1e-5)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+    loss = training.dice_ce_loss(logits, target, torch.ones(1))
+    assert loss.item() == pytest.approx((dice + bce).item(), rel=1e-5)
+    assert training.dice_ce_loss(logits, target, torch.ones(1), balanced=True) != loss
+
+
 def test_cosine_schedule_and_budget():
     assert cosine_lr(1.0, 0.0) < 0.05 and cosine_lr(1.0, 0.03) == pytest.approx(1.0)
     assert cosine_lr(1.0, 1.0) == pytest.approx(0.05)
@@ -103,7 +114,7 @@ def test_resolve_config_overrides():
 def test_interactive_loss_decreases_on_a_toy_set():
     torch.manual_seed(0)
     model = build_model(TINY).train()
-    step = training.InteractiveStep(model, clicks=1)
+    step = training.InteractiveStep(model, clicks=1, loss="dice-balanced-bce")
     image = torch.zeros((1, 1, 128, 128, 128))
     target = torch.zeros_like(image, dtype=torch.bool)
     target[:, :, 40:80, 50:90, 45:85] = True

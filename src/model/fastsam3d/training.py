@@ -51,17 +51,25 @@ from .training_runtime import (
 logger = logging.getLogger(__name__)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Soft Dice (squared denominators) + class-balanced BCE per sample, weighted mean.
+LOSSES = ("dice-bce", "dice-balanced-bce")
 
-    The BCE is the mean over target voxels plus the mean over background voxels (halved): with
-    targets of 0.01-10 % of the crop a plain voxel mean drives every logit negative, where the
-    sigmoid saturates and the Dice gradient vanishes (the model collapses to empty masks).
+
+def dice_ce_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, balanced: bool = False
+) -> torch.Tensor:
+    """Soft Dice (squared denominators) + BCE per sample, weighted mean over samples.
+
+    The BCE is the voxel mean (SAM-Med3D's DiceCE), or with ``balanced`` the mean over target
+    voxels plus the mean over background voxels, halved. The balanced form keeps gradients
+    alive from a random start (a voxel-mean run from scratch collapsed to empty masks once) but
+    shifts the optimum threshold: a model trained with it over-segments by 10-100x on held-out
+    structures, so fine-tuning uses the plain form.
 
     Args:
         logits: (B, 1, X, Y, Z).
         target: (B, 1, X, Y, Z) bool.
         weight: (B,) float (0 drops a sample).
+        balanced: class-balanced BCE instead of the voxel mean.
     """
     logits, target = logits.float().flatten(1), target.float().flatten(1)
     prob = logits.sigmoid()
@@ -69,12 +77,15 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         prob.square().sum(1) + target.square().sum(1) + 1e-5
     )
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    positives = target.sum(1)
-    balanced = 0.5 * (
-        (bce * target).sum(1) / positives.clamp(min=1)
-        + (bce * (1 - target)).sum(1) / (target.shape[1] - positives).clamp(min=1)
-    )
-    return ((dice + balanced) * weight).sum() / weight.sum().clamp(min=1)
+    if balanced:
+        positives = target.sum(1)
+        bce = 0.5 * (
+            (bce * target).sum(1) / positives.clamp(min=1)
+            + (bce * (1 - target)).sum(1) / (target.shape[1] - positives).clamp(min=1)
+        )
+    else:
+        bce = bce.mean(1)
+    return ((dice + bce) * weight).sum() / weight.sum().clamp(min=1)
 
 
 def decode_prompts(model: Sam3D, embedding, points, labels, mask_input):
@@ -104,13 +115,23 @@ class InteractiveStep(nn.Module):
         model: the :class:`Sam3D` being trained.
         clicks: click rounds per sample.
         freeze_encoder: embed under ``no_grad`` (decoder fine-tune on fixed embeddings).
+        loss: one of :data:`LOSSES` (see :func:`dice_ce_loss`).
     """
 
-    def __init__(self, model: Sam3D, clicks: int, freeze_encoder: bool = False) -> None:
+    def __init__(
+        self,
+        model: Sam3D,
+        clicks: int,
+        freeze_encoder: bool = False,
+        loss: str = "dice-bce",
+    ) -> None:
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
         self.model = model
         self.clicks = clicks
         self.freeze_encoder = freeze_encoder
+        self.balanced = loss == "dice-balanced-bce"
 
     def forward(self, image, target, valid, generator) -> tuple[torch.Tensor, dict]:
         model, batch = self.model, image.shape[0]
@@ -156,7 +177,8 @@ class InteractiveStep(nn.Module):
         iou_loss = (
             (iou[:, 0].float() - inter / union).square() * weight
         ).sum() / weight.sum().clamp(min=1)
-        return new_low, dice_ce_loss(logits, target, weight) + iou_loss, pred
+        loss = dice_ce_loss(logits, target, weight, self.balanced)
+        return new_low, loss + iou_loss, pred
 
 
 @dataclass
@@ -170,6 +192,7 @@ class TrainOptions(RunOptions):
     lr: float = 2e-4
     decoder_lr: float | None = None
     freeze_encoder: bool = False
+    loss: str = "dice-bce"
 
 
 def build_or_load(options: TrainOptions, runtime: Runtime) -> Sam3D:
@@ -228,7 +251,7 @@ def train(options: TrainOptions) -> Path:
     counters = {"step": 0, "elapsed_s": 0.0}
     if options.resume:
         counters = load_resume_state(out, "latest", model, optimizer, generator, runtime)
-    step_module = InteractiveStep(model, options.clicks, options.freeze_encoder)
+    step_module = InteractiveStep(model, options.clicks, options.freeze_encoder, options.loss)
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         step_module = DistributedDataParallel(
@@ -296,6 +319,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=TrainOptions.weight_decay)
     parser.add_argument(
         "--freeze-encoder", action="store_true", help="train only the prompt encoder and decoder"
+    )
+    parser.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=TrainOptions.loss,
+        help="Dice + voxel-mean BCE, or Dice + class-balanced BCE (for a random start)",
     )
     parser.add_argument(
         "--crop", type=int, default=TrainOptions.crop, help="crop side (the model needs 128)"
