@@ -158,3 +158,23 @@ def test_point_policy_follows_the_protocol_unless_chosen(tmp_path, protocol, poi
     save_model(weights, build_model("tiny"))
     segmenter = E.build_segmenter(str(weights), protocol, "cpu", points)
     assert segmenter.newest_only is newest
+
+
+@pytest.mark.parametrize("model", ["litemedsam", "litemedsam-gtbox"])
+def test_litemedsam_baseline_writes_the_usual_report(dataset, tmp_path, monkeypatch, model):
+    from fastsam3d import slicewise
+    from fastsam3d.modeling.lite_medsam import build_lite_medsam
+
+    monkeypatch.setattr(slicewise, "build_lite_medsam", lambda: build_lite_medsam(tiny=True))
+    weights = tmp_path / "lite.pth"
+    torch.manual_seed(0)
+    torch.save(build_lite_medsam(tiny=True).state_dict(), weights)
+    args = _args(dataset, tmp_path, model, "cvpr25", structures=4, weights=weights)
+    table = args.func(args)
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["model"] == model and report["oracle"] is (model == "litemedsam-gtbox")
+    assert ("oracle" in table) is report["oracle"]
+    assert [(r["case"], r["structure"]) for r in report["results"]] == [("c0", 4), ("c1", 4)]
+    for result in report["results"]:
+        assert len(result["dice"]) == 3 and all(0 <= d <= 1 for d in result["dice"])
+    assert set(report["summary"]) == {"structures", "mean_dice_per_click", "mean_max_dice"}

@@ -7,7 +7,7 @@ after every click, returning a bool mask of the crop.
 - :class:`RandomWalkerSegmenter`: Grady's random walker (2006), solved matrix-free by Jacobi-
   preconditioned conjugate gradients in torch (GPU-fast, no extra dependency). Seeds: a small
   ball around every click (its label) and the crop border (background).
-- A 2D slice-wise SAM (LiteMedSAM) is not implemented (see docs/TRAINING.md).
+- The 2D slice-wise SAM (LiteMedSAM) lives in :mod:`fastsam3d.slicewise`.
 """
 
 from __future__ import annotations

