@@ -64,6 +64,9 @@ def extract(array: np.ndarray, start: np.ndarray, stop: np.ndarray, fill=0) -> n
 class SamSegmenter:
     """A :class:`Sam3D` in the click loop: encoder once per crop, decoder per click.
 
+    The model runs as given, with no autocast: an unprepared model is the exact fp32 reference
+    on every device (a GPU evaluation once ran under bf16 autocast and disagreed with the CPU).
+
     Args:
         model: the model (any device).
         newest_only: give the decoder only the newest click (official FastSAM3D) instead of all.
@@ -78,8 +81,7 @@ class SamSegmenter:
     def start(self, raw: torch.Tensor, normalised: torch.Tensor) -> None:
         """Embed the normalised crop (X, Y, Z); forget the previous logits."""
         device = self.model.device
-        with _autocast(device):
-            self.embedding = self.model.encode(normalised[None, None].to(device))
+        self.embedding = self.model.encode(normalised[None, None].to(device))
         self.low_res = None
 
     @torch.inference_mode()
@@ -90,15 +92,9 @@ class SamSegmenter:
         device = self.model.device
         pts = torch.tensor([points], dtype=torch.float32, device=device)
         lab = torch.tensor([labels], dtype=torch.long, device=device)
-        with _autocast(device):
-            low, _, mask = self.model.decode(self.embedding, pts, lab, mask_input=self.low_res)
+        low, _, mask = self.model.decode(self.embedding, pts, lab, mask_input=self.low_res)
         self.low_res = low
         return mask[0, 0]
-
-
-def _autocast(device: torch.device):
-    enabled = device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def evaluate_structure(segmenter, image, gt, clicks: int, protocol: str, rng, clip=None):

@@ -1,0 +1,154 @@
+"""Figures for docs/RESULTS.md and docs/BENCHMARKS.md from the JSON the tools write.
+
+* ``dice_vs_clicks.png``: mean Dice after each click, one panel per data set, one line per
+  method (``fastsam3d eval --json`` files).
+* ``latency.png``: exact fp32 reference vs fast path per benchmarked path and device
+  (``fastsam3d bench --json`` files).
+* ``example_masks.png`` (with ``--model``, ``--images``, ``--labels``): one axial slice per
+  structure with the ground truth and the model's mask after each shown click count.
+
+Usage::
+
+    python benchmarks/make_figures.py --out docs/images \
+        --eval "CT:docs/results/*_ct-dicom.json" --eval "BraTS:docs/results/*_brats.json" \
+        --bench docs/results/bench_*.json \
+        --model default --images EVAL/images --labels EVAL/labels --structures 1,5,52
+"""
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def method_label(report: dict, path: str) -> str:
+    """A legend entry: the file's stem, marked when the method is an oracle."""
+    label = Path(path).stem.rsplit("_", 1)[0]
+    return f"{label} (oracle)" if report.get("oracle") else label
+
+
+def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
+    """One panel per data set; ``panels`` maps a title to eval JSON files."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (title, files) in zip(axes[0], panels.items(), strict=True):
+        for path in sorted(files):
+            report = json.loads(Path(path).read_text())
+            dice = report["summary"]["mean_dice_per_click"]
+            style = "--" if report.get("oracle") else "-"
+            ax.plot(range(1, len(dice) + 1), dice, style, marker="o", ms=3)
+            ax.lines[-1].set_label(method_label(report, path))
+        count = report["summary"]["structures"]
+        ax.set(title=f"{title} ({count} structures)", xlabel="clicks", ylabel="mean Dice")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "dice_vs_clicks.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(files: list[str], out: Path) -> Path:
+    """Horizontal bars (log scale): reference and fast median per path, one panel per device."""
+    reports = [json.loads(Path(p).read_text()) for p in sorted(files)]
+    fig, axes = plt.subplots(len(reports), 1, figsize=(8, 2.6 * len(reports)), squeeze=False)
+    for ax, report in zip(axes[:, 0], reports, strict=True):
+        rows = report["results"]
+        names = [f"{r['name'].split(' (')[0]} (batch {r['batch']})" for r in rows]
+        y = np.arange(len(rows))
+        ref = [r["reference_ms"] or np.nan for r in rows]
+        fast = [r["fast_ms"] for r in rows]
+        ax.barh(y + 0.2, ref, 0.4, label="exact fp32 reference")
+        ax.barh(y - 0.2, fast, 0.4, label="fast path")
+        ax.set_yticks(y, names, fontsize=8)
+        ax.set_xscale("log")
+        ax.set(xlabel="median ms", title=f"{report['device']} (torch {report['torch']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "latency.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_example_masks(args, out: Path) -> Path:
+    """Axial slices through structures: ground truth and masks after each shown click count."""
+    from fastsam3d.checkpoints import load_model
+    from fastsam3d.data import find_cases, preprocess_case
+    from fastsam3d.evaluation import SamSegmenter, crop_box, evaluate_structure, extract
+
+    model = load_model(args.model, progress=False)
+    segmenter = SamSegmenter(model, newest_only=False)
+    case = find_cases(args.labels, args.images)[0]
+    arrays = preprocess_case(case)
+    labels, ids, image = arrays["labels"], list(arrays["ids"]), arrays["image"]
+    shown = [int(s) for s in args.structures.split(",")]
+    counts = [int(c) for c in args.show_clicks.split(",")]
+    fig, axes = plt.subplots(len(shown), len(counts), figsize=(3 * len(counts), 3 * len(shown)))
+    axes = np.atleast_2d(axes)
+    for row, value in enumerate(shown):
+        full_gt = labels == ids.index(value)
+        start, stop = crop_box(full_gt)
+        crop, gt = extract(image, start, stop), extract(full_gt, start, stop)
+        rng = np.random.default_rng([0, value])
+        dices, preds, _ = evaluate_structure(
+            segmenter, crop, gt, max(counts), "cvpr25", rng, model.config.intensity_clip
+        )
+        z = int(np.argmax(gt.sum((0, 1))))
+        for col, count in enumerate(counts):
+            ax = axes[row, col]
+            ax.imshow(np.rot90(crop[:, :, z]), cmap="gray")
+            ax.contour(np.rot90(gt[:, :, z]), levels=[0.5], colors="lime", linewidths=0.8)
+            pred = preds[count - 1][:, :, z]
+            if pred.any():
+                ax.contour(np.rot90(pred), levels=[0.5], colors="red", linewidths=0.8)
+            title = f"label {value}, {count} click(s): Dice {dices[count - 1]:.2f}"
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle("green: reference label, red: model mask (cvpr25 clicks)", fontsize=9)
+    fig.tight_layout()
+    path = out / "example_masks.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/images")
+    parser.add_argument(
+        "--eval", action="append", default=[], metavar="TITLE:GLOB", help="repeatable"
+    )
+    parser.add_argument("--bench", nargs="*", default=[])
+    parser.add_argument("--model")
+    parser.add_argument("--images")
+    parser.add_argument("--labels")
+    parser.add_argument("--structures", default="1")
+    parser.add_argument("--show-clicks", default="1,3,5")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if args.eval:
+        panels = {}
+        for item in args.eval:
+            title, _, pattern = item.partition(":")
+            panels.setdefault(title, []).extend(glob.glob(pattern))
+        written.append(plot_dice_vs_clicks(panels, out))
+    if args.bench:
+        written.append(plot_latency(args.bench, out))
+    if args.model:
+        written.append(plot_example_masks(args, out))
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
