@@ -79,6 +79,14 @@ def test_plain_loss_is_soft_dice_plus_voxel_mean_bce():
     assert training.dice_ce_loss(logits, target, torch.ones(1), balanced=True) != loss
 
 
+def test_interactive_step_rejects_bad_settings():
+    model = build_model(TINY)
+    with pytest.raises(ValueError, match="unknown loss"):
+        training.InteractiveStep(model, clicks=1, loss="focal")
+    with pytest.raises(ValueError, match="core_click_prob"):
+        training.InteractiveStep(model, clicks=1, core_click_prob=1.5)
+
+
 def test_cosine_schedule_and_budget():
     assert cosine_lr(1.0, 0.0) < 0.05 and cosine_lr(1.0, 0.03) == pytest.approx(1.0)
     assert cosine_lr(1.0, 1.0) == pytest.approx(0.05)

@@ -116,6 +116,9 @@ class InteractiveStep(nn.Module):
         clicks: click rounds per sample.
         freeze_encoder: embed under ``no_grad`` (decoder fine-tune on fixed embeddings).
         loss: one of :data:`LOSSES` (see :func:`dice_ce_loss`).
+        core_click_prob: chance that a later click aims at the core of the error (as users
+            and the ``cvpr25`` protocol click) rather than at a uniformly random error voxel
+            (the official protocol); the first click always aims at the core.
     """
 
     def __init__(
@@ -124,14 +127,18 @@ class InteractiveStep(nn.Module):
         clicks: int,
         freeze_encoder: bool = False,
         loss: str = "dice-bce",
+        core_click_prob: float = 0.3,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
+        if not 0.0 <= core_click_prob <= 1.0:
+            raise ValueError(f"core_click_prob must be in [0, 1], got {core_click_prob}")
         self.model = model
         self.clicks = clicks
         self.freeze_encoder = freeze_encoder
         self.balanced = loss == "dice-balanced-bce"
+        self.core_click_prob = core_click_prob
 
     def forward(self, image, target, valid, generator) -> tuple[torch.Tensor, dict]:
         model, batch = self.model, image.shape[0]
@@ -149,7 +156,9 @@ class InteractiveStep(nn.Module):
         for index in range(self.clicks):
             with torch.no_grad():
                 core = (
-                    index == 0 or torch.rand(batch, generator=generator, device=image.device) < 0.3
+                    index == 0
+                    or torch.rand(batch, generator=generator, device=image.device)
+                    < self.core_click_prob
                 )
                 new_points, new_labels = sample_training_clicks(pred, target, generator, core)
             points = torch.cat([points, new_points], 1) if accumulate else new_points
@@ -193,6 +202,7 @@ class TrainOptions(RunOptions):
     decoder_lr: float | None = None
     freeze_encoder: bool = False
     loss: str = "dice-bce"
+    core_click_prob: float = 0.3
 
 
 def build_or_load(options: TrainOptions, runtime: Runtime) -> Sam3D:
@@ -251,7 +261,9 @@ def train(options: TrainOptions) -> Path:
     counters = {"step": 0, "elapsed_s": 0.0}
     if options.resume:
         counters = load_resume_state(out, "latest", model, optimizer, generator, runtime)
-    step_module = InteractiveStep(model, options.clicks, options.freeze_encoder, options.loss)
+    step_module = InteractiveStep(
+        model, options.clicks, options.freeze_encoder, options.loss, options.core_click_prob
+    )
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         step_module = DistributedDataParallel(
@@ -325,6 +337,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=LOSSES,
         default=TrainOptions.loss,
         help="Dice + voxel-mean BCE, or Dice + class-balanced BCE (for a random start)",
+    )
+    parser.add_argument(
+        "--core-click-prob",
+        type=float,
+        default=TrainOptions.core_click_prob,
+        help="chance that a later click aims at the error's core instead of a random error voxel",
     )
     parser.add_argument(
         "--crop", type=int, default=TrainOptions.crop, help="crop side (the model needs 128)"
