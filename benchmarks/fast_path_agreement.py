@@ -5,7 +5,7 @@ protocol) and the same previous-logit feedback history of their own, as in inter
 Usage::
 
     python benchmarks/fast_path_agreement.py --model W.safetensors --images DIR --labels DIR \
-        [--dtype bfloat16] [--clicks 5] [--device cpu]
+        [--dtype bfloat16|int8] [--clicks 5] [--device cpu]
 """
 
 import argparse
@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", required=True)
     parser.add_argument("--labels", required=True)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"]
+    )
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-voxels", type=int, default=200)

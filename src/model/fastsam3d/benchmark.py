@@ -94,6 +94,15 @@ def _click(model: Sam3D, embedding, points, labels, previous):
     return model.decode(embedding, points, labels, previous)
 
 
+def ball_logits(centre, radius: float = 20.0, device=None) -> torch.Tensor:
+    """Low-res logits (1, 1, 32, 32, 32) of a ball (model voxels, 20 = 30 mm) at ``centre``,
+    the size of an organ: random weights give masks that fill the whole ROI."""
+    lattice = torch.arange(32, dtype=torch.float32, device=device) * 4 + 1.5
+    axes = [(lattice - c) ** 2 for c in centre]
+    dist = (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).sqrt()
+    return (radius - dist).clamp(-8, 8)[None, None]
+
+
 def run_benchmarks(
     device: str | torch.device = "cpu",
     repeats: int = 20,
@@ -123,6 +132,12 @@ def run_benchmarks(
                 warmup,
             )
         )
+        if device.type == "cpu":
+            int8 = copy.deepcopy(reference).prepare_inference(dtype=torch.int8)
+            fast_ms = time_median(lambda: int8.encode(x), device, slow_repeats, warmup)
+            name = "student encoder, int8 products (opt-in)"
+            results.append(Measurement(name, 1, results[0].reference_ms, fast_ms))
+            del int8
         emb = reference.encode(x)
         points = torch.tensor([[[64.0, 60.0, 70.0]]], device=device)
         labels = torch.ones(1, 1, dtype=torch.int64, device=device)
@@ -133,6 +148,18 @@ def run_benchmarks(
                 1,
                 lambda: _click(reference, emb, points, labels, previous),
                 lambda: _click(fast, emb, points, labels, previous),
+                device,
+                repeats,
+                warmup,
+            )
+        )
+        ball = ball_logits((64.0, 60.0, 70.0), device=device)
+        results.append(
+            _pair(
+                "upsample + threshold of a 30 mm object's logits",
+                1,
+                lambda: reference.upsample_logits(ball) > reference.mask_threshold,
+                lambda: fast.threshold_logits(ball),
                 device,
                 repeats,
                 warmup,

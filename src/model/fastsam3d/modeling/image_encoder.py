@@ -12,26 +12,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RelPosAttention3D
-from .common import LayerNorm3d, MLPBlock
+from .common import LayerNorm3d, MLPBlock, channel_norm, strided_conv_channels_last
+from .quantized import gemm, int8_product, quantize_rows
 from .window_fold import folded_window_attention
 
 BLOCK_STYLES = ("fastsam3d", "sam_med3d")
-
-
-def _channel_norm(x: torch.Tensor, norm: LayerNorm3d) -> torch.Tensor:
-    """LayerNorm3d applied to a channels-last tensor."""
-    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
 def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """The neck on channels-last tokens (B, G, G, G, C) as matrix products -> (B, C', G, G, G).
 
     The 1x1 convolution is a linear map; the 3x3x3 one gathers its 27 shifted neighbours
-    (zero padding 1) and multiplies once by the flattened kernel.
+    (zero padding 1) and multiplies once by the flattened kernel. In int8 (see
+    :func:`.quantized.quantize_int8`) the tokens are quantised once, with one scale, before
+    the gathering.
     """
     conv1, norm1, conv3, norm3 = neck
-    x = _channel_norm(F.linear(x, conv1.weight.flatten(1)), norm1)
+    x = channel_norm(gemm(x, conv1, conv1.weight), norm1)
     batch, d, h, w, c = x.shape
+    int8 = getattr(conv3, "int8_weight", None) if x.device.type == "cpu" else None
+    if int8 is not None:
+        x, scale = quantize_rows(x.reshape(1, -1).float())
+        x = x.view(batch, d, h, w, c)
     padded = F.pad(x, (0, 0, 1, 1, 1, 1, 1, 1))
     shifted = [
         padded[:, i : i + d, j : j + h, k : k + w]
@@ -40,7 +42,13 @@ def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         for k in range(3)
     ]
     columns = torch.stack(shifted, dim=-1).reshape(batch, d, h, w, c * 27)
-    x = _channel_norm(F.linear(columns, conv3.weight.flatten(1)), norm3)
+    if int8 is None:
+        x = gemm(columns, conv3, conv3.weight)
+    else:
+        weight = conv3.weight.flatten(1)
+        x = int8_product(columns.view(-1, c * 27), scale, weight, None, int8, conv3.weight)
+        x = x.view(batch, d, h, w, -1).to(norm3.weight.dtype)
+    x = channel_norm(x, norm3)
     return x.permute(0, 4, 1, 2, 3)
 
 
@@ -89,12 +97,7 @@ class PatchEmbed3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.as_gemm:
             return self.proj(x).permute(0, 2, 3, 4, 1)
-        batch, chans, d, h, w = x.shape
-        p = self.patch_size
-        patches = x.reshape(batch, chans, d // p, p, h // p, p, w // p, p)
-        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, d // p, h // p, w // p, -1)
-        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
-        return F.linear(patches, weight, self.proj.bias)
+        return strided_conv_channels_last(x.permute(0, 2, 3, 4, 1), self.proj)
 
 
 class Block3D(nn.Module):
