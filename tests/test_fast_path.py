@@ -9,7 +9,13 @@ from test_modeling import DATA, student_config
 from fastsam3d.benchmark import format_table, run_benchmarks
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.modeling.fast_path import GraphCache
-from fastsam3d.modeling.quantized import MIN_ROWS, Int8Weight, int8_linear, quantize_rows
+from fastsam3d.modeling.quantized import (
+    MIN_ROWS,
+    Int8Weight,
+    int8_linear,
+    quantize_passes,
+    quantize_rows,
+)
 
 FIXTURE = DATA / "official_parity_a.pt"
 
@@ -181,6 +187,10 @@ def test_int8_products_stay_close_and_fall_back_to_fp32_when_small():
     x = torch.randn(3, 40, 64)
     q, scale = quantize_rows(x.reshape(-1, 64))
     assert (q.float() * scale - x.reshape(-1, 64)).abs().le(scale / 2 + 1e-6).all()
+    (q1, s1), (q2, s2) = quantize_passes(x.reshape(-1, 64), 2)
+    two_pass = q1.float() * s1 + q2.float() * s2
+    assert s2.le(s1 / 254 * 1.001).all()
+    assert (two_pass - x.reshape(-1, 64)).abs().le(s2 / 2 + 1e-6).all()
     cache = Int8Weight()
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     approx = int8_linear(x, layer.weight, layer.bias, cache)

@@ -106,7 +106,8 @@ class Sam3D(nn.Module):
             if device.type != "cpu":
                 raise ValueError("dtype=torch.int8 is a CPU path; use bfloat16 on GPUs")
             encoder = self.image_encoder
-            quantize_int8(encoder, (encoder.patch_embed.proj, encoder.neck[0], encoder.neck[2]))
+            layers = (encoder.patch_embed.proj, encoder.neck[0], encoder.neck[2])
+            quantize_int8(encoder, layers, passes=2)
             dtype = torch.float32
         self.image_encoder.to(dtype)
         self.image_encoder.patch_embed.as_gemm = True
