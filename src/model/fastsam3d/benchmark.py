@@ -109,6 +109,7 @@ def run_benchmarks(
     warmup: int = 5,
     teacher: bool = True,
     batch: int = 64,
+    student: str = "fastsam3d",
 ) -> dict:
     """Benchmark encoder, click path, teacher encoder and batch throughput.
 
@@ -119,7 +120,7 @@ def run_benchmarks(
     results: list[Measurement] = []
     slow_repeats = max(3, repeats // 4) if device.type == "cpu" else repeats
     with torch.inference_mode():
-        reference, fast = _models("fastsam3d", device)
+        reference, fast = _models(student, device)
         x = torch.randn(1, 1, 128, 128, 128, device=device)
         results.append(
             _pair(
@@ -148,6 +149,17 @@ def run_benchmarks(
                 1,
                 lambda: _click(reference, emb, points, labels, previous),
                 lambda: _click(fast, emb, points, labels, previous),
+                device,
+                repeats,
+                warmup,
+            )
+        )
+        results.append(
+            _pair(
+                "decode without the 128^3 mask (what Session runs)",
+                1,
+                lambda: reference.decode(emb, points, labels, previous, return_mask=False),
+                lambda: fast.decode(emb, points, labels, previous, return_mask=False),
                 device,
                 repeats,
                 warmup,
@@ -238,6 +250,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per path")
     p.add_argument("--batch", type=int, default=64, help="batch size of the throughput run")
+    p.add_argument("--student", default="fastsam3d", help="student config (e.g. fastsam3d-lite)")
     p.add_argument("--no-teacher", action="store_true", help="skip the 12-block teacher")
     p.add_argument("--json", default=None, help="also write the report to this file")
     p.set_defaults(func=_run_bench)
@@ -247,7 +260,9 @@ def _run_bench(args) -> str:
     from .predictor import resolve_device
 
     device = resolve_device(args.device)
-    report = run_benchmarks(device, args.repeats, teacher=not args.no_teacher, batch=args.batch)
+    report = run_benchmarks(
+        device, args.repeats, teacher=not args.no_teacher, batch=args.batch, student=args.student
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
