@@ -5,7 +5,12 @@ protocol) and the same previous-logit feedback history of their own, as in inter
 Usage::
 
     python benchmarks/fast_path_agreement.py --model W.safetensors --images DIR --labels DIR \
-        [--dtype bfloat16] [--clicks 5] [--device cpu]
+        [--dtype bfloat16|int8] [--clicks 5] [--device cpu]
+
+Without trained weights (the full-size ``fastsam3d`` config), ``--fixture official_parity_a.pt
+--config fastsam3d`` compares on the fixture's image and clicks with random weights (PyTorch's
+default initialisation, seeded): the embedding's relative error, and per click the Dice of both
+masks decoded from the same previous logits (the reference's).
 """
 
 import argparse
@@ -18,6 +23,7 @@ import torch
 from fastsam3d.checkpoints import load_model
 from fastsam3d.data import find_cases
 from fastsam3d.evaluation import SamSegmenter, dice_score, evaluate_case
+from fastsam3d.modeling.configs import build_model
 
 
 class PairedSegmenter:
@@ -42,16 +48,48 @@ class PairedSegmenter:
         return ref
 
 
+def fixture_agreement(config: str, dtype: torch.dtype, fixture: str, seed: int = 0) -> str:
+    """Random-weight agreement of a config's fast path on the fixture image and clicks."""
+    data = torch.load(fixture, weights_only=True)
+    torch.manual_seed(seed)
+    reference = build_model(config).eval()
+    fast = copy.deepcopy(reference).prepare_inference(dtype=dtype)
+    with torch.inference_mode():
+        image = data["image"].float()
+        exact, approx = reference.encode(image), fast.encode(image)
+        error = float((approx - exact).norm() / exact.norm())
+        previous, dice = None, []
+        for click in data["click_sequence"]:
+            points = torch.tensor([[click["point"]]], dtype=torch.float32)
+            labels = torch.tensor([[click["label"]]])
+            low, _, mask = reference.decode(exact, points, labels, previous)
+            _, _, mask_fast = fast.decode(approx, points, labels, previous)
+            dice.append(dice_score(mask_fast.numpy(), mask.numpy()))
+            previous = low
+    clicks = ", ".join(f"{d:.4f}" for d in dice)
+    return (
+        f"{config} (random weights, seed {seed}) fast path ({dtype}) vs fp32 reference on the "
+        f"fixture: embedding relative error {error:.4f}, Dice per click {clicks}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--images", required=True)
-    parser.add_argument("--labels", required=True)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--model")
+    parser.add_argument("--images")
+    parser.add_argument("--labels")
+    parser.add_argument("--fixture", help="official_parity_a.pt: random-weight mode")
+    parser.add_argument("--config", default="fastsam3d", help="with --fixture")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"]
+    )
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-voxels", type=int, default=200)
     args = parser.parse_args()
+    if args.fixture:
+        print(fixture_agreement(args.config, getattr(torch, args.dtype), args.fixture))
+        return
     model = load_model(args.model, device=args.device, progress=False)
     paired = PairedSegmenter(model, getattr(torch, args.dtype))
     options = argparse.Namespace(

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastsam3d.benchmark import ball_logits
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 HEADING = "## napari click latency"
@@ -45,8 +47,6 @@ class BallMaskModel(nn.Module):
     def __init__(self, model: nn.Module, radius: float = 20.0) -> None:
         super().__init__()
         self.model, self.radius, self.config = model, radius, model.config
-        grid = (torch.arange(32, dtype=torch.float32) * 4 + 1.5).tolist()
-        self.register_buffer("_lattice", torch.tensor(grid))
 
     @property
     def signature(self) -> str:
@@ -59,12 +59,7 @@ class BallMaskModel(nn.Module):
         low, iou, _ = self.model.decode(
             embedding, points, labels, mask_input, multimask_output, return_mask=False
         )
-        centre = points[0, -1].to(self._lattice)
-        axes = [self._lattice - c for c in centre]
-        dist = (
-            axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
-        ).sqrt()
-        ball = (self.radius - dist).clamp(-8, 8)[None, None].to(low)
+        ball = ball_logits(points[0, -1].tolist(), self.radius, low.device).to(low)
         return ball, iou, None  # Session uses the low-res logits only
 
 

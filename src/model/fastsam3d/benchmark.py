@@ -94,12 +94,22 @@ def _click(model: Sam3D, embedding, points, labels, previous):
     return model.decode(embedding, points, labels, previous)
 
 
+def ball_logits(centre, radius: float = 20.0, device=None) -> torch.Tensor:
+    """Low-res logits (1, 1, 32, 32, 32) of a ball (model voxels, 20 = 30 mm) at ``centre``,
+    the size of an organ: random weights give masks that fill the whole ROI."""
+    lattice = torch.arange(32, dtype=torch.float32, device=device) * 4 + 1.5
+    axes = [(lattice - c) ** 2 for c in centre]
+    dist = (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).sqrt()
+    return (radius - dist).clamp(-8, 8)[None, None]
+
+
 def run_benchmarks(
     device: str | torch.device = "cpu",
     repeats: int = 20,
     warmup: int = 5,
     teacher: bool = True,
     batch: int = 64,
+    student: str = "fastsam3d",
 ) -> dict:
     """Benchmark encoder, click path, teacher encoder and batch throughput.
 
@@ -110,7 +120,7 @@ def run_benchmarks(
     results: list[Measurement] = []
     slow_repeats = max(3, repeats // 4) if device.type == "cpu" else repeats
     with torch.inference_mode():
-        reference, fast = _models("fastsam3d", device)
+        reference, fast = _models(student, device)
         x = torch.randn(1, 1, 128, 128, 128, device=device)
         results.append(
             _pair(
@@ -123,6 +133,12 @@ def run_benchmarks(
                 warmup,
             )
         )
+        if device.type == "cpu":
+            int8 = copy.deepcopy(reference).prepare_inference(dtype=torch.int8)
+            fast_ms = time_median(lambda: int8.encode(x), device, slow_repeats, warmup)
+            name = "student encoder, int8 products (opt-in)"
+            results.append(Measurement(name, 1, results[0].reference_ms, fast_ms))
+            del int8
         emb = reference.encode(x)
         points = torch.tensor([[[64.0, 60.0, 70.0]]], device=device)
         labels = torch.ones(1, 1, dtype=torch.int64, device=device)
@@ -133,6 +149,29 @@ def run_benchmarks(
                 1,
                 lambda: _click(reference, emb, points, labels, previous),
                 lambda: _click(fast, emb, points, labels, previous),
+                device,
+                repeats,
+                warmup,
+            )
+        )
+        results.append(
+            _pair(
+                "decode without the 128^3 mask (what Session runs)",
+                1,
+                lambda: reference.decode(emb, points, labels, previous, return_mask=False),
+                lambda: fast.decode(emb, points, labels, previous, return_mask=False),
+                device,
+                repeats,
+                warmup,
+            )
+        )
+        ball = ball_logits((64.0, 60.0, 70.0), device=device)
+        results.append(
+            _pair(
+                "upsample + threshold of a 30 mm object's logits",
+                1,
+                lambda: reference.upsample_logits(ball) > reference.mask_threshold,
+                lambda: fast.threshold_logits(ball),
                 device,
                 repeats,
                 warmup,
@@ -211,6 +250,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per path")
     p.add_argument("--batch", type=int, default=64, help="batch size of the throughput run")
+    p.add_argument("--student", default="fastsam3d", help="student config (e.g. fastsam3d-lite)")
     p.add_argument("--no-teacher", action="store_true", help="skip the 12-block teacher")
     p.add_argument("--json", default=None, help="also write the report to this file")
     p.set_defaults(func=_run_bench)
@@ -220,7 +260,9 @@ def _run_bench(args) -> str:
     from .predictor import resolve_device
 
     device = resolve_device(args.device)
-    report = run_benchmarks(device, args.repeats, teacher=not args.no_teacher, batch=args.batch)
+    report = run_benchmarks(
+        device, args.repeats, teacher=not args.no_teacher, batch=args.batch, student=args.student
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .geometry import ModelGrid, translation
 from .roi import STRIDE, Roi
-from .sampling import interpolate_axis_aligned
+from .sampling import interpolate_axis_aligned, nonzero_box
 
 Box = tuple[slice, slice, slice]
 
@@ -134,14 +134,12 @@ class LogitField:
 
     def positive_cells(self, cells: Box) -> Box | None:
         """Bounding box of the known cells with logit > 0 inside ``cells`` (None if none)."""
-        positive = (self.logits[cells] > 0) & self.known[cells]
-        if not positive.any():
+        box = nonzero_box((self.logits[cells] > 0) & self.known[cells])
+        if box is None:
             return None
-        box = []
-        for axis, s in enumerate(cells):
-            hits = np.flatnonzero(positive.any(axis=tuple(a for a in range(3) if a != axis)))
-            box.append(slice(s.start + int(hits[0]), s.start + int(hits[-1]) + 1))
-        return tuple(box)
+        return tuple(
+            slice(c.start + b.start, c.start + b.stop) for c, b in zip(cells, box, strict=True)
+        )
 
     def lattice_to_grid(self) -> np.ndarray:
         """4x4 matrix lattice index -> resampled-grid coordinate."""

@@ -86,3 +86,14 @@ def crop_padded(array: np.ndarray, start, shape) -> np.ndarray:
         dst.append(slice(lo - int(s), hi - int(s)))
     out[tuple(dst)] = array[tuple(src)]
     return out
+
+
+def nonzero_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box (one slice per axis) of the true entries of ``mask`` (None if none)."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)

@@ -1,7 +1,10 @@
 """Small building blocks shared by the encoder, prompt encoder and decoder."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .quantized import gemm
 
 
 class LayerNorm3d(nn.Module):
@@ -34,6 +37,21 @@ class LayerNorm2d(nn.Module):
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def channel_norm(x: torch.Tensor, norm: LayerNorm3d) -> torch.Tensor:
+    """LayerNorm3d applied to a channels-last tensor."""
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def strided_conv_channels_last(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A convolution whose stride equals its kernel, on channels-last (B, D, H, W, C), as one
+    matrix product over flattened patches -> channels-last output."""
+    batch, d, h, w, c = x.shape
+    p = conv.kernel_size[0]
+    patches = x.reshape(batch, d // p, p, h // p, p, w // p, p, c)
+    patches = patches.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(batch, d // p, h // p, w // p, -1)
+    return gemm(patches, conv, conv.weight, conv.bias)
 
 
 class MLPBlock(nn.Module):

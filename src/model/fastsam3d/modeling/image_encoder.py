@@ -12,25 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RelPosAttention3D
-from .common import LayerNorm3d, MLPBlock
+from .common import LayerNorm3d, MLPBlock, channel_norm, strided_conv_channels_last
+from .quantized import gemm, int8_product, quantize_passes
 from .window_fold import folded_window_attention
 
 BLOCK_STYLES = ("fastsam3d", "sam_med3d")
 
 
-def _channel_norm(x: torch.Tensor, norm: LayerNorm3d) -> torch.Tensor:
-    """LayerNorm3d applied to a channels-last tensor."""
-    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
-
-
-def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The neck on channels-last tokens (B, G, G, G, C) as matrix products -> (B, C', G, G, G).
-
-    The 1x1 convolution is a linear map; the 3x3x3 one gathers its 27 shifted neighbours
-    (zero padding 1) and multiplies once by the flattened kernel.
-    """
-    conv1, norm1, conv3, norm3 = neck
-    x = _channel_norm(F.linear(x, conv1.weight.flatten(1)), norm1)
+def _neighbours(x: torch.Tensor) -> torch.Tensor:
+    """The 27 neighbours of each token (zero padding 1), (B, D, H, W, C) -> (..., C * 27)."""
     batch, d, h, w, c = x.shape
     padded = F.pad(x, (0, 0, 1, 1, 1, 1, 1, 1))
     shifted = [
@@ -39,8 +29,30 @@ def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         for j in range(3)
         for k in range(3)
     ]
-    columns = torch.stack(shifted, dim=-1).reshape(batch, d, h, w, c * 27)
-    x = _channel_norm(F.linear(columns, conv3.weight.flatten(1)), norm3)
+    return torch.stack(shifted, dim=-1).reshape(batch, d, h, w, c * 27)
+
+
+def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The neck on channels-last tokens (B, G, G, G, C) as matrix products -> (B, C', G, G, G).
+
+    The 1x1 convolution is a linear map; the 3x3x3 one gathers its 27 shifted neighbours
+    (zero padding 1) and multiplies once by the flattened kernel. In int8 (see
+    :func:`.quantized.quantize_int8`) the tokens are quantised with one scale per pass before
+    the gathering.
+    """
+    conv1, norm1, conv3, norm3 = neck
+    x = channel_norm(gemm(x, conv1, conv1.weight), norm1)
+    batch, d, h, w, c = x.shape
+    int8 = getattr(conv3, "int8_weight", None) if x.device.type == "cpu" else None
+    if int8 is None:
+        x = gemm(_neighbours(x), conv3, conv3.weight)
+    else:
+        weight = conv3.weight.flatten(1)
+        parts = quantize_passes(x.reshape(1, -1).float(), int8.passes)
+        columns = [(_neighbours(q.view(x.shape)).view(-1, 27 * c), scale) for q, scale in parts]
+        x = sum(int8_product(*p, weight, None, int8, conv3.weight) for p in columns)
+        x = x.view(batch, d, h, w, -1).to(norm3.weight.dtype)
+    x = channel_norm(x, norm3)
     return x.permute(0, 4, 1, 2, 3)
 
 
@@ -89,12 +101,7 @@ class PatchEmbed3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.as_gemm:
             return self.proj(x).permute(0, 2, 3, 4, 1)
-        batch, chans, d, h, w = x.shape
-        p = self.patch_size
-        patches = x.reshape(batch, chans, d // p, p, h // p, p, w // p, p)
-        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, d // p, h // p, w // p, -1)
-        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
-        return F.linear(patches, weight, self.proj.bias)
+        return strided_conv_channels_last(x.permute(0, 2, 3, 4, 1), self.proj)
 
 
 class Block3D(nn.Module):

@@ -1,9 +1,11 @@
 """3D mask decoder: image embedding + prompt embeddings -> 32^3 mask logits and IoU scores."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm3d
+from .quantized import gemm
 
 
 def conv_transpose_2x(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
@@ -17,6 +19,15 @@ def conv_transpose_2x(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor
     y = x.permute(0, 2, 3, 4, 1).reshape(-1, chans) @ conv.weight.reshape(chans, out * 8)
     y = y.view(batch, d, h, w, out, 2, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7)
     return y.reshape(batch, out, 2 * d, 2 * h, 2 * w) + conv.bias.view(1, -1, 1, 1, 1)
+
+
+def conv_transpose_blocks(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed convolution on channels-last (..., C_in) ->
+    (..., 8, C_out): each voxel's 2x2x2 output block, sub-voxels in (d, h, w) order."""
+    chans, out = conv.weight.shape[:2]
+    weight = conv.weight.reshape(chans, out, 8).transpose(1, 2).reshape(chans, 8 * out)
+    y = gemm(x, conv, weight.t(), conv.bias.repeat(8))
+    return y.view(*x.shape[:-1], 8, out)
 
 
 class MaskDecoder3D(nn.Module):
@@ -81,11 +92,11 @@ class MaskDecoder3D(nn.Module):
         Returns:
             Low-res logits (B, 1 or 3, 32, 32, 32) and IoU predictions (B, 1 or 3).
         """
-        masks, iou = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         chosen = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, chosen], iou[:, chosen]
+        masks, iou = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, chosen
+        )
+        return masks if self.upscale_as_gemm else masks[:, chosen], iou[:, chosen]
 
     def predict_masks(
         self,
@@ -93,8 +104,10 @@ class MaskDecoder3D(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        chosen: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks and IoU scores."""
+        """All ``num_mask_tokens`` masks and IoU scores; with ``upscale_as_gemm`` only the
+        ``chosen`` masks (the others are not needed)."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
@@ -107,14 +120,36 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        upscaled = self.upscale(src.transpose(1, 2).reshape(b, c, x, y, z))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )
-        b, c, x, y, z = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
+        mlps = enumerate(self.output_hypernetworks_mlps)
+        if self.upscale_as_gemm:
+            mlps = list(mlps)[chosen]
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in mlps], dim=1)
+        if self.upscale_as_gemm:
+            masks = self.masks_channels_last(src, hyper_in, (x, y, z))
+        else:
+            upscaled = self.upscale(src.transpose(1, 2).reshape(b, c, x, y, z))
+            b, c, x, y, z = upscaled.shape
+            masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def masks_channels_last(
+        self, tokens: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """Upscaling and mask product on the image tokens (B, N, C) without channels-first
+        copies: each token's 4x4x4 block as matrix products, one shuffle of the small masks."""
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        batch = tokens.shape[0]
+        y = conv_transpose_blocks(tokens, up1)
+        y = act2(
+            conv_transpose_blocks(
+                act1(F.layer_norm(y, y.shape[-1:], norm.weight, norm.bias, norm.eps)), up2
+            )
+        )
+        masks = y.reshape(batch, -1, y.shape[-1]) @ hyper_in.transpose(1, 2)
+        x, h, w = grid
+        masks = masks.view(batch, x, h, w, 2, 2, 2, 2, 2, 2, -1)
+        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+        return masks.reshape(batch, -1, 4 * x, 4 * h, 4 * w)
 
     def upscale(self, src: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` (8^3 -> 32^3); as matrix products with ``upscale_as_gemm``."""

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import LayerNorm3d, channel_norm, strided_conv_channels_last
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -76,6 +76,7 @@ class PromptEncoder3D(nn.Module):
             nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self.downscale_as_gemm = False
 
     @property
     def mask_input_size(self) -> tuple[int, int, int]:
@@ -124,7 +125,19 @@ class PromptEncoder3D(nn.Module):
         if points is not None:
             sparse = torch.cat([sparse, self._embed_points(*points, pad=boxes is None)], dim=1)
         if masks is not None:
-            dense = self.mask_downscaling(masks)
+            dense = self.downscale(masks)
         else:
             dense = weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, *self.image_embedding_size)
         return sparse, dense
+
+    def downscale(self, masks: torch.Tensor) -> torch.Tensor:
+        """``mask_downscaling`` (32^3 -> 8^3); channels-last matrix products with
+        ``downscale_as_gemm``."""
+        if not self.downscale_as_gemm:
+            return self.mask_downscaling(masks)
+        conv1, norm1, act1, conv2, norm2, act2, conv3 = self.mask_downscaling
+        x = act1(
+            channel_norm(strided_conv_channels_last(masks.permute(0, 2, 3, 4, 1), conv1), norm1)
+        )
+        x = act2(channel_norm(strided_conv_channels_last(x, conv2), norm2))
+        return strided_conv_channels_last(x, conv3).permute(0, 4, 1, 2, 3)

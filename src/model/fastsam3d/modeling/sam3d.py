@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sampling import nonzero_box
 from .attention import RelPosAttention3D
 from .fast_path import GraphCache
+from .quantized import quantize_int8
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -44,6 +46,7 @@ class Sam3D(nn.Module):
         self._encode_graph: GraphCache | None = None
         self._decode_graphs: dict[tuple[bool, bool], GraphCache] | None = None
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
+        self.sparse_threshold = False
         self.register_load_state_dict_post_hook(Sam3D._forget_dense_pe)
 
     @staticmethod
@@ -89,19 +92,32 @@ class Sam3D(nn.Module):
         folded exactly) and its convolutions as matrix products; the prompt encoder and
         decoder stay fp32; on CUDA both are replayed from CUDA graphs. An unprepared model
         is the exact fp32 reference every fast path is compared with. Call after ``.to()``.
+        ``dtype=torch.int8`` (CPU, opt-in) runs the encoder's matrix products in int8 (weights
+        per channel, activations per row, :mod:`.quantized`), the rest in fp32; parameters
+        and state-dict keys stay as they are. Without CUDA graphs the 128^3 mask is
+        thresholded sparsely, bit-identical to the full upsampling (:meth:`threshold_logits`).
         ``attention`` picks the global blocks' fused backend: "sdpa" (bias as a mask) or
         "flash" (bias folded into the dot product; ``flash_attn`` on CUDA when installed).
         """
         device = self.device
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if dtype == torch.int8:
+            if device.type != "cpu":
+                raise ValueError("dtype=torch.int8 is a CPU path; use bfloat16 on GPUs")
+            encoder = self.image_encoder
+            layers = (encoder.patch_embed.proj, encoder.neck[0], encoder.neck[2])
+            quantize_int8(encoder, layers, passes=2)
+            dtype = torch.float32
         self.image_encoder.to(dtype)
         self.image_encoder.patch_embed.as_gemm = True
         self.mask_decoder.upscale_as_gemm = True
+        self.prompt_encoder.downscale_as_gemm = True
         for module in self.image_encoder.modules():
             if isinstance(module, RelPosAttention3D) and module.backend == "math":
                 module.backend = attention
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.sparse_threshold = not graphs
         self._encode_graph = GraphCache(self._encode) if graphs else None
         self._decode_graphs = (
             {
@@ -186,7 +202,43 @@ class Sam3D(nn.Module):
         )
         if not return_mask:
             return low_res, iou
-        return low_res, iou, self.upsample_logits(low_res) > self.mask_threshold
+        return low_res, iou, self.threshold_logits(low_res)
+
+    def threshold_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """``upsample_logits(low_res) > mask_threshold`` as a bool mask.
+
+        With ``sparse_threshold`` (set by :meth:`prepare_inference` unless CUDA graphs are on)
+        only the box that can be positive is upsampled: trilinear interpolation is a convex
+        combination, so a voxel whose 2x2x2 low-res neighbours are all <= 0 stays <= 0 in
+        floating point too, and a crop with a one-cell margin interpolates with the same
+        weights as the whole volume. The result is the full path's, bit for bit.
+        """
+        if not self.sparse_threshold or self.mask_threshold != 0:
+            return self.upsample_logits(low_res) > self.mask_threshold
+        cells = low_res.shape[2:]
+        factor = self.image_size // cells[0]
+        if factor % 2 or any(n * factor != self.image_size for n in cells):
+            return self.upsample_logits(low_res) > self.mask_threshold
+        size = (self.image_size,) * 3
+        mask = torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
+        box = nonzero_box((low_res > 0).flatten(0, 1).any(0).cpu().numpy())
+        if box is None:
+            return mask
+        crop, out, local = [], [], []
+        for s, n in zip(box, cells, strict=True):
+            c0, c1 = max(s.start - 1, 0), min(s.stop + 1, n)
+            lo = max(factor * s.start - factor // 2, 0)
+            hi = min(factor * s.stop + factor // 2, self.image_size)
+            crop.append(slice(c0, c1))
+            out.append(slice(lo, hi))
+            local.append(slice(lo - factor * c0, hi - factor * c0))
+        if all(s.stop - s.start == n for s, n in zip(crop, cells, strict=True)):
+            return self.upsample_logits(low_res) > 0
+        sub = low_res[(..., *crop)].contiguous()
+        shape = tuple(factor * (s.stop - s.start) for s in crop)
+        up = F.interpolate(sub, size=shape, mode="trilinear", align_corners=False)
+        mask[(..., *out)] = up[(..., *local)] > 0
+        return mask
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Trilinear (align_corners=False) upsampling of 32^3 logits to the 128^3 input grid."""

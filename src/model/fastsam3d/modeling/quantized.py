@@ -1,0 +1,126 @@
+"""Dynamic int8 matrix products for the CPU fast path.
+
+Weights are quantised once per output channel, activations per row at each call (symmetric,
+scale = max |value| / 127); ``torch._int_mm`` multiplies the int8 matrices into int32, which are
+scaled back to float. Layers whose inputs need more than 8 bits (the image patches: soft-tissue
+contrast is a few HU in a range of thousands) take two passes: the int8 residual of the first
+quantisation is multiplied too, leaving an error of about 2^-15 of each row's maximum.
+Layers keep their fp32 parameters and state-dict keys, so a prepared model still saves and
+loads like the reference; the int8 copy follows the weights when they change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# torch._int_mm wants more than 16 rows; smaller products stay fp32 (too small to matter).
+MIN_ROWS = 17
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of each row of a 2D tensor -> (int8 values, (M, 1) scales)."""
+    peak = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    return x.mul(127 / peak).round_().to(torch.int8), peak / 127
+
+
+def quantize_passes(x: torch.Tensor, passes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`quantize_rows` of ``x`` and then of each remaining residual, ``passes`` times."""
+    parts = [quantize_rows(x)]
+    for _ in range(passes - 1):
+        q, scale = parts[-1]
+        x = x - q.float() * scale
+        parts.append(quantize_rows(x))
+    return parts
+
+
+class Int8Weight:
+    """A weight (N, K) quantised per output channel, refreshed when the weight changes; its
+    activations are quantised in ``passes`` passes (1 or 2)."""
+
+    def __init__(self, passes: int = 1) -> None:
+        self.passes = passes
+        self._key: tuple | None = None
+        self.values: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, N) int8 values (column-major, as ``_int_mm`` is fastest) and (1, N) scales of
+        ``weight``, a function of the layer parameter ``source`` (requantised when it changes)."""
+        try:
+            version = source._version
+        except RuntimeError:  # an inference tensor: no version counter
+            version = None
+        key = (source.data_ptr(), version, source.shape, source.device)
+        if key != self._key:
+            with torch.no_grad():
+                values, scale = quantize_rows(weight.detach().float().reshape(weight.shape[0], -1))
+            self.values, self.scale, self._key = values.t(), scale.t().contiguous(), key
+        return self.values, self.scale
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cache: Int8Weight,
+    source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with dynamic int8 products (fp32 below ``MIN_ROWS`` rows)."""
+    rows = x.numel() // x.shape[-1]
+    if rows < MIN_ROWS or x.device.type != "cpu":
+        return F.linear(x, weight.reshape(weight.shape[0], -1).to(x.dtype), bias)
+    source = weight if source is None else source
+    parts = quantize_passes(x.reshape(rows, -1).float(), cache.passes)
+    y = int8_product(*parts[0], weight, bias, cache, source)
+    for q, scale in parts[1:]:
+        y.add_(int8_product(q, scale, weight, None, cache, source))
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def int8_product(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cache: Int8Weight,
+    source: torch.Tensor,
+) -> torch.Tensor:
+    """Rows ``q`` (M, K) int8 with scales ``scale`` ((M, 1) or (1, 1)) times the quantised
+    ``weight`` (N, K), plus ``bias`` -> fp32 (M, N)."""
+    values, w_scale = cache.get(weight, source)
+    y = torch._int_mm(q, values).float().mul_(scale).mul_(w_scale)
+    return y if bias is None else y.add_(bias)
+
+
+def gemm(
+    x: torch.Tensor, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a layer computed as a matrix product (e.g. a convolution
+    with its kernel flattened), in int8 when :func:`quantize_int8` marked the layer."""
+    cache = getattr(layer, "int8_weight", None)
+    if cache is None:
+        return F.linear(x, weight.reshape(weight.shape[0], -1), bias)
+    return int8_linear(x, weight, bias, cache, layer.weight)
+
+
+class Int8Linear(nn.Linear):
+    """``nn.Linear`` computed by :func:`int8_linear`; same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.bias, self.int8_weight)
+
+
+def quantize_int8(
+    module: nn.Module, layers: tuple[nn.Module, ...] = (), passes: int = 1
+) -> nn.Module:
+    """Switch every ``nn.Linear`` inside ``module`` to dynamic int8 products, and the ``layers``
+    that :func:`gemm` computes to int8 products in ``passes`` passes, in place."""
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = Int8Linear
+            child.int8_weight = Int8Weight()
+    for layer in layers:
+        layer.int8_weight = Int8Weight(passes)
+    return module
