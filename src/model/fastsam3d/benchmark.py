@@ -103,6 +103,9 @@ def ball_logits(centre, radius: float = 20.0, device=None) -> torch.Tensor:
     return (radius - dist).clamp(-8, 8)[None, None]
 
 
+OPT_IN_NAMES = {torch.int8: "int8 products", torch.bfloat16: "bf16"}
+
+
 def run_benchmarks(
     device: str | torch.device = "cpu",
     repeats: int = 20,
@@ -133,12 +136,11 @@ def run_benchmarks(
                 warmup,
             )
         )
-        if device.type == "cpu":
-            int8 = copy.deepcopy(reference).prepare_inference(dtype=torch.int8)
-            fast_ms = time_median(lambda: int8.encode(x), device, slow_repeats, warmup)
-            name = "student encoder, int8 products (opt-in)"
-            results.append(Measurement(name, 1, results[0].reference_ms, fast_ms))
-            del int8
+        opt_in = torch.int8 if device.type == "cpu" else torch.bfloat16
+        low = copy.deepcopy(reference).prepare_inference(dtype=opt_in)
+        fast_ms = time_median(lambda: low.encode(x), device, slow_repeats, warmup)
+        name = f"student encoder, {OPT_IN_NAMES[opt_in]} (opt-in)"
+        results.append(Measurement(name, 1, results[0].reference_ms, fast_ms))
         emb = reference.encode(x)
         points = torch.tensor([[[64.0, 60.0, 70.0]]], device=device)
         labels = torch.ones(1, 1, dtype=torch.int64, device=device)
@@ -190,6 +192,10 @@ def run_benchmarks(
                     2,
                 )
             )
+            if device.type == "cuda":
+                fast_ms = time_median(lambda: low.encode(xb), device, max(3, slow_repeats // 2), 2)
+                name = "student encoder (batch), bf16 (opt-in)"
+                results.append(Measurement(name, batch, results[-1].reference_ms, fast_ms))
         del reference, fast
         if teacher:
             reference, fast = _models("sam-med3d-turbo", device)
