@@ -7,8 +7,8 @@ from torch import nn
 from .quantized import gemm
 
 
-class LayerNorm3d(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, D, H, W) tensor (biased variance)."""
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, *spatial) tensor (biased variance)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -20,27 +20,12 @@ class LayerNorm3d(nn.Module):
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        return self.weight.view(shape) * x + self.bias.view(shape)
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, H, W) tensor (biased variance)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-def channel_norm(x: torch.Tensor, norm: LayerNorm3d) -> torch.Tensor:
-    """LayerNorm3d applied to a channels-last tensor."""
+def channel_norm(x: torch.Tensor, norm: ChannelLayerNorm) -> torch.Tensor:
+    """A :class:`ChannelLayerNorm` applied to a channels-last tensor."""
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 

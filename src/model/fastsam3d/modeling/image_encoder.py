@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RelPosAttention3D
-from .common import LayerNorm3d, MLPBlock, channel_norm, strided_conv_channels_last
+from .common import ChannelLayerNorm, MLPBlock, channel_norm, strided_conv_channels_last
 from .quantized import gemm, int8_product, quantize_passes
 from .window_fold import folded_window_attention
 
@@ -232,9 +232,9 @@ class ImageEncoderViT3D(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.neck = nn.Sequential(
             nn.Conv3d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm3d(out_chans),
+            ChannelLayerNorm(out_chans),
             nn.Conv3d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm3d(out_chans),
+            ChannelLayerNorm(out_chans),
         )
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm3d
+from .common import MLP, ChannelLayerNorm
 from .quantized import gemm
 
 
@@ -58,7 +58,7 @@ class MaskDecoder3D(nn.Module):
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose3d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm3d(transformer_dim // 4),
+            ChannelLayerNorm(transformer_dim // 4),
             nn.GELU(),
             nn.ConvTranspose3d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),

@@ -6,7 +6,7 @@ The two-way transformer is the one of the 3D decoder (it works on flattened toke
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, ChannelLayerNorm
 
 
 class MaskDecoder2D(nn.Module):
@@ -36,7 +36,7 @@ class MaskDecoder2D(nn.Module):
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
+            ChannelLayerNorm(transformer_dim // 4),
             nn.GELU(),
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm3d, channel_norm, strided_conv_channels_last
+from .common import ChannelLayerNorm, channel_norm, strided_conv_channels_last
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -68,10 +68,10 @@ class PromptEncoder3D(nn.Module):
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_downscaling = nn.Sequential(
             nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm3d(mask_in_chans // 4),
+            ChannelLayerNorm(mask_in_chans // 4),
             nn.GELU(),
             nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm3d(mask_in_chans),
+            ChannelLayerNorm(mask_in_chans),
             nn.GELU(),
             nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
         )

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import ChannelLayerNorm
 
 
 class PositionEmbeddingRandom2D(nn.Module):
@@ -71,10 +71,10 @@ class PromptEncoder2D(nn.Module):
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_downscaling = nn.Sequential(
             nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans // 4),
+            ChannelLayerNorm(mask_in_chans // 4),
             nn.GELU(),
             nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans),
+            ChannelLayerNorm(mask_in_chans),
             nn.GELU(),
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import ChannelLayerNorm
 
 
 class ConvBN(nn.Sequential):
@@ -184,9 +184,9 @@ class TinyViT(nn.Module):
             self.layers.append(Stage(blocks, merge, tokens=i > 0))
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, 1, bias=False),
-            LayerNorm2d(out_chans),
+            ChannelLayerNorm(out_chans),
             nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
+            ChannelLayerNorm(out_chans),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
