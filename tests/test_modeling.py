@@ -177,6 +177,17 @@ def test_registered_configs_round_trip_through_inference(name):
     assert infer_config(model.state_dict()) == CONFIGS[name]
 
 
+def _prompt_and_decoder_shapes(model) -> dict:
+    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("image_encoder.")}
+
+
+def test_lite_teacher_shares_the_lite_students_prompt_encoder_and_decoder():
+    with torch.device("meta"):
+        teacher, student = build_model("fastsam3d-lite-teacher"), build_model("fastsam3d-lite")
+    assert _prompt_and_decoder_shapes(teacher) == _prompt_and_decoder_shapes(student)
+    assert teacher.config.depth == 2 * student.config.depth
+
+
 def test_tiny_model_encode_decode_shapes():
     model = build_model("tiny").eval()
     with torch.inference_mode():

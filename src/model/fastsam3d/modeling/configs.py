@@ -91,6 +91,21 @@ CONFIGS: dict[str, ModelConfig] = {
         prompt_dim=192,
         decoder_mlp_dim=1024,
     ),
+    # Teacher for distilling fastsam3d-lite: the turbo teacher's structure (12 blocks, window
+    # 14, global blocks 2, 5, 8, 11, SAM-Med3D wiring) at the lite width; same decoder shapes as
+    # the lite student, so distillation copies it.
+    "fastsam3d-lite-teacher": ModelConfig(
+        name="fastsam3d-lite-teacher",
+        embed_dim=256,
+        depth=12,
+        num_heads=4,
+        attention_free_blocks=0,
+        window_size=14,
+        global_attn_indexes=(2, 5, 8, 11),
+        block_style="sam_med3d",
+        prompt_dim=192,
+        decoder_mlp_dim=1024,
+    ),
     # A small random-weight model for UI and engine tests.
     "tiny": ModelConfig(
         name="tiny",
