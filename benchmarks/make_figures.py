@@ -27,6 +27,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def method_label(report: dict, path: str) -> str:
     """A legend entry: the file's stem, marked when the method is an oracle."""
     label = Path(path).stem.rsplit("_", 1)[0]
@@ -48,11 +56,7 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "dice_vs_clicks.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, out / "dice_vs_clicks.png", dpi=120)
 
 
 def plot_latency(files: list[str], out: Path) -> Path:
@@ -71,11 +75,7 @@ def plot_latency(files: list[str], out: Path) -> Path:
         ax.set_xscale("log")
         ax.set(xlabel="median ms", title=f"{report['device']} (torch {report['torch']})")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "latency.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, out / "latency.png", dpi=120)
 
 
 def plot_example_masks(args, out: Path) -> Path:
@@ -113,11 +113,7 @@ def plot_example_masks(args, out: Path) -> Path:
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.suptitle("green: reference label, red: model mask (cvpr25 clicks)", fontsize=9)
-    fig.tight_layout()
-    path = out / "example_masks.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "example_masks.png", dpi=110)
 
 
 def main() -> None:
