@@ -113,11 +113,15 @@ def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory):
+def bank_files(tmp_path_factory):
     root = toy_dataset(tmp_path_factory.mktemp("bank") / "ds")
     cases = data.find_cases(root / "labelsTr", root / "imagesTr")
-    files = data.prepare_cases(cases, root.parent / "cache")
-    return data.SeedBank(files, "cpu", min_voxels=50, points_per_class=8)
+    return data.prepare_cases(cases, root.parent / "cache")
+
+
+@pytest.fixture(scope="module")
+def bank(bank_files):
+    return data.SeedBank(bank_files, "cpu", min_voxels=50, points_per_class=8)
 
 
 def test_seed_bank_lists_every_large_class(bank):
@@ -150,3 +154,15 @@ def test_real_images_are_aligned_with_their_targets(bank):
         core = erode(batch.target[b], 2)
         assert core.sum() > 5
         assert batch.image[b][core].std() < 1e-3
+
+
+def test_class_size_power_weights_classes_by_their_voxel_count(bank, bank_files):
+    weighted = data.SeedBank(bank_files, "cpu", min_voxels=50, points_per_class=8, size_power=1)
+    for volume in weighted.pair_volume.unique():
+        members = weighted.pair_volume == volume
+        assert torch.isclose(weighted.pair_weight[members].sum(), torch.tensor(1.0))
+        labels = weighted.labels[int(volume)]
+        sizes = torch.stack([(labels == c).sum() for c in weighted.pair_class[members]]).float()
+        assert torch.allclose(weighted.pair_weight[members], sizes / sizes.sum())
+        uniform = bank.pair_weight[bank.pair_volume == volume]
+        assert torch.allclose(uniform, torch.full_like(uniform, 1 / len(uniform)))

@@ -258,14 +258,24 @@ class SeedBank:
         device: where the volumes live.
         min_voxels: classes with fewer voxels (at 1.5 mm) are never chosen as targets.
         points_per_class: how many random voxels of each class are kept as crop centres.
+        size_power: volumes are drawn uniformly, then a class with probability proportional to
+            its voxel count to this power (0: every class alike; 0.5 favours large organs over
+            the many small parcels of an atlas).
     """
 
-    def __init__(self, files, device, min_voxels: int = 200, points_per_class: int = 64) -> None:
+    def __init__(
+        self,
+        files,
+        device,
+        min_voxels: int = 200,
+        points_per_class: int = 64,
+        size_power: float = 0.0,
+    ) -> None:
         rng = np.random.default_rng(0)
         self.device = torch.device(device)
         self.labels: list[torch.Tensor] = []
         self.images: list[torch.Tensor | None] = []
-        pairs, points, classes = [], [], []
+        pairs, points, weights = [], [], []
         for index, path in enumerate(files):
             with np.load(path) as arrays:
                 labels = arrays["labels"]
@@ -273,16 +283,17 @@ class SeedBank:
             self.labels.append(self._to_device(labels))
             self.images.append(None if image is None else self._to_device(image))
             found = _class_points(labels, min_voxels, points_per_class, rng)
-            for class_id, coords in found:
-                pairs.append((index, class_id, len(found)))
+            sizes = np.array([size for _, size, _ in found], dtype=np.float64) ** size_power
+            for (class_id, _, coords), size in zip(found, sizes, strict=True):
+                pairs.append((index, class_id))
                 points.append(coords)
-            classes.append(len(found))
+                weights.append(size / sizes.sum())
         if not pairs:
             raise InputError("no class in the training cases is large enough to sample")
-        table = torch.tensor(pairs, dtype=torch.float32)
-        self.pair_volume = table[:, 0].long().to(self.device)
-        self.pair_class = table[:, 1].long().to(self.device)
-        self.pair_weight = (1.0 / table[:, 2]).to(self.device)
+        table = torch.tensor(pairs, dtype=torch.long)
+        self.pair_volume = table[:, 0].to(self.device)
+        self.pair_class = table[:, 1].to(self.device)
+        self.pair_weight = torch.tensor(weights, dtype=torch.float32, device=self.device)
         self.pair_points = torch.from_numpy(np.stack(points)).float().to(self.device)
         self.has_image = torch.tensor([im is not None for im in self.images], device=self.device)
         logger.info("seed bank: %d volumes, %d (volume, class) pairs", len(files), len(pairs))
@@ -292,7 +303,7 @@ class SeedBank:
 
 
 def _class_points(labels: np.ndarray, min_voxels: int, count: int, rng) -> list:
-    """(class id, (count, 3) random voxel coordinates) for each class with >= min_voxels."""
+    """(class id, voxels, (count, 3) random voxel coordinates) per class with >= min_voxels."""
     flat = labels.ravel()
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(flat.max() + 2))
@@ -301,7 +312,8 @@ def _class_points(labels: np.ndarray, min_voxels: int, count: int, rng) -> list:
         members = order[bounds[class_id] : bounds[class_id + 1]]
         if members.size >= min_voxels:
             chosen = rng.choice(members, size=count, replace=members.size < count)
-            found.append((class_id, np.stack(np.unravel_index(chosen, labels.shape), -1)))
+            coords = np.stack(np.unravel_index(chosen, labels.shape), -1)
+            found.append((class_id, members.size, coords))
     return found
 
 

@@ -38,7 +38,13 @@ from .clicks import sample_training_clicks
 from .data import SamplingConfig, sample_batch
 from .modeling.configs import build_model
 from .modeling.sam3d import Sam3D
-from .training import InteractiveStep, decode_prompts, load_seed_bank
+from .training import (
+    InteractiveStep,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    decode_prompts,
+    load_seed_bank,
+)
 from .training_runtime import (
     Budget,
     LoopSettings,
@@ -300,7 +306,7 @@ def distill(options: DistillOptions) -> Path | None:
     backend = options.attention or ("sdpa" if runtime.device.type == "cuda" else "math")
     set_attention_backend(teacher, backend)
     set_attention_backend(student, backend)
-    bank = load_seed_bank(options.data, options.cache, runtime.device)
+    bank = load_seed_bank(options, runtime.device)
     out = Path(options.out)
     deadline = None
     if options.stop_after_minutes is not None:
@@ -325,8 +331,6 @@ def distill(options: DistillOptions) -> Path | None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastsam3d distill``."""
-    from .training import add_runtime_arguments
-
     parser = subparsers.add_parser("distill", help="layer-wise progressive distillation")
     parser.add_argument("--teacher", required=True, help="teacher weights (path or registry name)")
     parser.add_argument("--student-config", default=DistillOptions.student_config)
@@ -368,7 +372,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=DistillOptions.lr)
     parser.add_argument("--weight-decay", type=float, default=DistillOptions.weight_decay)
     parser.add_argument("--crop", type=int, default=DistillOptions.crop)
-    parser.add_argument("--real-prob", type=float, default=DistillOptions.real_prob)
+    add_sampling_arguments(parser)
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
     return parser

@@ -240,9 +240,10 @@ def seed_files(data_roots: list[str], cache: str) -> list[Path]:
     return files
 
 
-def load_seed_bank(data_roots: list[str], cache: str, device, min_voxels: int = 200) -> SeedBank:
-    """Discover, preprocess (cached) and load every training case onto ``device``."""
-    return SeedBank(seed_files(data_roots, cache), device, min_voxels=min_voxels)
+def load_seed_bank(options: RunOptions, device, min_voxels: int = 200) -> SeedBank:
+    """Discover, preprocess (cached) and load every training case of ``options`` onto ``device``."""
+    files = seed_files(options.data, options.cache)
+    return SeedBank(files, device, min_voxels=min_voxels, size_power=options.class_size_power)
 
 
 def train(options: TrainOptions) -> Path:
@@ -269,7 +270,7 @@ def train(options: TrainOptions) -> Path:
         step_module = DistributedDataParallel(
             step_module, device_ids=ids, find_unused_parameters=True
         )
-    bank = load_seed_bank(options.data, options.cache, runtime.device)
+    bank = load_seed_bank(options, runtime.device)
     sampling = SamplingConfig(
         size=options.crop, real_prob=options.real_prob, clip=model.config.intensity_clip
     )
@@ -347,10 +348,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--crop", type=int, default=TrainOptions.crop, help="crop side (the model needs 128)"
     )
-    parser.add_argument("--real-prob", type=float, default=TrainOptions.real_prob)
+    add_sampling_arguments(parser)
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
     return parser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How training crops are drawn from the seed bank."""
+    parser.add_argument("--real-prob", type=float, default=RunOptions.real_prob)
+    parser.add_argument(
+        "--class-size-power",
+        type=float,
+        default=RunOptions.class_size_power,
+        help="draw a volume's classes in proportion to voxels**POWER (0: uniform; 0.5 "
+        "favours organs over small parcels)",
+    )
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

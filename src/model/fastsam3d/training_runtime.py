@@ -121,6 +121,7 @@ class RunOptions:
     weight_decay: float = 0.1
     crop: int = 128
     real_prob: float = 0.3
+    class_size_power: float = 0.0
     amp: str = "auto"
     attention: str | None = None
     device: str | None = None
