@@ -235,3 +235,23 @@ def test_int8_embedding_of_the_official_fixture_within_four_percent():
         exact, fixture["student"]["embedding"], rtol=0, atol=1e-4 * exact.abs().max()
     )
     assert (approx - exact).norm() <= 0.04 * exact.norm()
+
+
+def test_compiled_fast_path_matches_the_fp32_fast_path():
+    reference, fast = tiny_pair(torch.float32)
+    compiled = copy.deepcopy(reference).prepare_inference(
+        dtype=torch.float32, cuda_graphs=False, compile_mode="default"
+    )
+    assert compiled.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(1, 1, 128, 128, 128)
+    points = torch.tensor([[[60.0, 64.0, 70.0], [30.0, 40.0, 50.0]]])
+    labels = torch.tensor([[1, 0]])
+    with torch.inference_mode():
+        e_fast, e_compiled = fast.encode(x), compiled.encode(x)
+        low_fast, _, mask_fast = fast.decode(e_fast, points, labels)
+        low_compiled, _, mask_compiled = compiled.decode(e_compiled, points, labels)
+    assert compiled._compiled_encoder is not None
+    assert (e_compiled - e_fast).abs().max() <= 1e-4 * e_fast.abs().max()
+    assert (low_compiled - low_fast).abs().max() <= 1e-3 * low_fast.abs().max()
+    dice = 2 * (mask_fast & mask_compiled).sum() / (mask_fast.sum() + mask_compiled.sum())
+    assert dice >= 0.99

@@ -3,7 +3,9 @@
 Timings are medians of synchronised runs after warm-up, with random weights at the released
 sizes (speed does not depend on the values). The reference is this project's unprepared fp32
 model (official order of operations, math attention, 3D convolutions, generic trilinear
-upsampling); the fast path is the same model after :meth:`Sam3D.prepare_inference`.
+upsampling); the fast path is the same model after :meth:`Sam3D.prepare_inference` (bf16
+encoder on CUDA, fp32 elsewhere), and rows marked "opt-in" time the variant a user can ask for
+(int8 products on CPUs, ``torch.compile`` on GPUs).
 """
 
 from __future__ import annotations
@@ -103,7 +105,11 @@ def ball_logits(centre, radius: float = 20.0, device=None) -> torch.Tensor:
     return (radius - dist).clamp(-8, 8)[None, None]
 
 
-OPT_IN_NAMES = {torch.int8: "int8 products", torch.bfloat16: "bf16"}
+def opt_in_variant(device: torch.device) -> tuple[str, dict]:
+    """The opt-in fast path benched beside the default one: int8 on CPUs, compiled on GPUs."""
+    if device.type == "cpu":
+        return "int8 products", {"dtype": torch.int8}
+    return "torch.compile", {"compile_mode": "default"}
 
 
 def run_benchmarks(
@@ -136,10 +142,10 @@ def run_benchmarks(
                 warmup,
             )
         )
-        opt_in = torch.int8 if device.type == "cpu" else torch.bfloat16
-        low = copy.deepcopy(reference).prepare_inference(dtype=opt_in)
+        opt_in, options = opt_in_variant(device)
+        low = copy.deepcopy(reference).prepare_inference(**options)
         fast_ms = time_median(lambda: low.encode(x), device, slow_repeats, warmup)
-        name = f"student encoder, {OPT_IN_NAMES[opt_in]} (opt-in)"
+        name = f"student encoder, {opt_in} (opt-in)"
         results.append(Measurement(name, 1, results[0].reference_ms, fast_ms))
         emb = reference.encode(x)
         points = torch.tensor([[[64.0, 60.0, 70.0]]], device=device)
@@ -167,6 +173,14 @@ def run_benchmarks(
                 warmup,
             )
         )
+        fast_ms = time_median(
+            lambda: low.decode(emb, points, labels, previous, return_mask=False),
+            device,
+            repeats,
+            warmup,
+        )
+        name = f"decode without the 128^3 mask, {opt_in} (opt-in)"
+        results.append(Measurement(name, 1, results[-1].reference_ms, fast_ms))
         ball = ball_logits((64.0, 60.0, 70.0), device=device)
         results.append(
             _pair(
@@ -194,7 +208,7 @@ def run_benchmarks(
             )
             if device.type == "cuda":
                 fast_ms = time_median(lambda: low.encode(xb), device, max(3, slow_repeats // 2), 2)
-                name = "student encoder (batch), bf16 (opt-in)"
+                name = f"student encoder (batch), {opt_in} (opt-in)"
                 results.append(Measurement(name, batch, results[-1].reference_ms, fast_ms))
         del reference, fast
         if teacher:
@@ -210,6 +224,11 @@ def run_benchmarks(
                     2,
                 )
             )
+            if device.type == "cuda":
+                low = copy.deepcopy(reference).prepare_inference(**options)
+                fast_ms = time_median(lambda: low.encode(x), device, slow_repeats, 2)
+                name = f"teacher encoder, {opt_in} (opt-in)"
+                results.append(Measurement(name, 1, results[-1].reference_ms, fast_ms))
     return {
         "device": describe_device(device),
         "torch": torch.__version__,
