@@ -43,8 +43,12 @@ def method_label(report: dict, path: str) -> str:
 
 def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
     """One panel per data set; ``panels`` maps a title to eval JSON files."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (title, files) in zip(axes[0], panels.items(), strict=True):
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, files) in zip(axes.flat, panels.items()):
         for path in sorted(files):
             report = json.loads(Path(path).read_text())
             dice = report["summary"]["mean_dice_per_click"]
@@ -52,7 +56,7 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
             ax.plot(range(1, len(dice) + 1), dice, style, marker="o", ms=3)
             ax.lines[-1].set_label(method_label(report, path))
         count = report["summary"]["structures"]
-        ax.set(title=f"{title} ({count} structures)", xlabel="clicks", ylabel="mean Dice")
+        ax.set(title=f"{title} ({count} structure{'s' * (count != 1)})", xlabel="clicks", ylabel="mean Dice")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
