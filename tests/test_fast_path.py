@@ -28,17 +28,25 @@ def tiny_pair(dtype):
     return reference, copy.deepcopy(reference).prepare_inference(dtype=dtype, cuda_graphs=False)
 
 
+def encode_and_click(*models):
+    """(embedding, low-res logits, mask) of each model for one random crop and two clicks."""
+    x = torch.randn(1, 1, 128, 128, 128)
+    points = torch.tensor([[[60.0, 64.0, 70.0], [30.0, 40.0, 50.0]]])
+    labels = torch.tensor([[1, 0]])
+    outputs = []
+    with torch.inference_mode():
+        for model in models:
+            embedding = model.encode(x)
+            low, _, mask = model.decode(embedding, points, labels)
+            outputs.append((embedding, low, mask))
+    return outputs
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_prepared_model_matches_reference(dtype, tolerance):
     reference, fast = tiny_pair(dtype)
     assert fast.image_encoder.blocks[1].attn.backend == "sdpa"
-    x = torch.randn(1, 1, 128, 128, 128)
-    points = torch.tensor([[[60.0, 64.0, 70.0], [30.0, 40.0, 50.0]]])
-    labels = torch.tensor([[1, 0]])
-    with torch.inference_mode():
-        e_ref, e_fast = reference.encode(x), fast.encode(x)
-        low_ref, iou_ref, mask_ref = reference.decode(e_ref, points, labels)
-        low_fast, iou_fast, mask_fast = fast.decode(e_fast, points, labels)
+    (e_ref, low_ref, mask_ref), (e_fast, low_fast, mask_fast) = encode_and_click(reference, fast)
     assert e_fast.dtype == torch.float32
     assert (e_fast - e_ref).abs().max() <= tolerance * e_ref.abs().max()
     assert (low_fast - low_ref).abs().max() <= 10 * tolerance * low_ref.abs().max()
@@ -243,13 +251,9 @@ def test_compiled_fast_path_matches_the_fp32_fast_path():
         dtype=torch.float32, cuda_graphs=False, compile_mode="default"
     )
     assert compiled.state_dict().keys() == reference.state_dict().keys()
-    x = torch.randn(1, 1, 128, 128, 128)
-    points = torch.tensor([[[60.0, 64.0, 70.0], [30.0, 40.0, 50.0]]])
-    labels = torch.tensor([[1, 0]])
-    with torch.inference_mode():
-        e_fast, e_compiled = fast.encode(x), compiled.encode(x)
-        low_fast, _, mask_fast = fast.decode(e_fast, points, labels)
-        low_compiled, _, mask_compiled = compiled.decode(e_compiled, points, labels)
+    (e_fast, low_fast, mask_fast), (e_compiled, low_compiled, mask_compiled) = encode_and_click(
+        fast, compiled
+    )
     assert compiled._compiled_encoder is not None
     assert (e_compiled - e_fast).abs().max() <= 1e-4 * e_fast.abs().max()
     assert (low_compiled - low_fast).abs().max() <= 1e-3 * low_fast.abs().max()
