@@ -48,7 +48,7 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    for ax, (title, files) in zip(axes.flat, panels.items()):
+    for ax, (title, files) in zip(axes.flat[: len(panels)], panels.items(), strict=True):
         for path in sorted(files):
             report = json.loads(Path(path).read_text())
             dice = report["summary"]["mean_dice_per_click"]
@@ -56,7 +56,8 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
             ax.plot(range(1, len(dice) + 1), dice, style, marker="o", ms=3)
             ax.lines[-1].set_label(method_label(report, path))
         count = report["summary"]["structures"]
-        ax.set(title=f"{title} ({count} structure{'s' * (count != 1)})", xlabel="clicks", ylabel="mean Dice")
+        noun = "structure" if count == 1 else "structures"
+        ax.set(title=f"{title} ({count} {noun})", xlabel="clicks", ylabel="mean Dice")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
