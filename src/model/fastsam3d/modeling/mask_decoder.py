@@ -33,6 +33,9 @@ def conv_transpose_blocks(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Te
 class MaskDecoder3D(nn.Module):
     """SAM-style decoder with hypernetwork mask heads (keys match ``mask_decoder.*``).
 
+    ``upscale_as_gemm`` (the fast path, set by ``Sam3D.prepare_inference``) runs the
+    upscaling as matrix products on channels-last tokens and the transformer ``folded``.
+
     Args:
         transformer_dim: token / image channel width.
         transformer: the two-way transformer module.
@@ -114,10 +117,11 @@ class MaskDecoder3D(nn.Module):
         src = image_embeddings
         if src.shape[0] != batch:
             src = src.repeat_interleave(batch, dim=0)
-        src = src + dense_prompt_embeddings
+        # same sum; its layout follows the first operand (channels-last from ``downscale``)
+        src = dense_prompt_embeddings + src
         pos_src = image_pe.expand(batch, -1, -1, -1, -1)
         b, c, x, y, z = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, pos_src, tokens, folded=self.upscale_as_gemm)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
         mlps = enumerate(self.output_hypernetworks_mlps)
@@ -147,8 +151,10 @@ class MaskDecoder3D(nn.Module):
         )
         masks = y.reshape(batch, -1, y.shape[-1]) @ hyper_in.transpose(1, 2)
         x, h, w = grid
-        masks = masks.view(batch, x, h, w, 2, 2, 2, 2, 2, 2, -1)
-        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+        # two 2x shuffles: one 11-d permute is several times slower than both
+        masks = masks.view(batch, x, h, w, 2, 2, 2, 8, -1).permute(0, 8, 1, 4, 2, 5, 3, 6, 7)
+        masks = masks.reshape(batch, -1, 2 * x, 2 * h, 2 * w, 2, 2, 2)
+        masks = masks.permute(0, 1, 2, 5, 3, 6, 4, 7)
         return masks.reshape(batch, -1, 4 * x, 4 * h, 4 * w)
 
     def upscale(self, src: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-from .common import ChannelLayerNorm, channel_norm, strided_conv_channels_last
+from .common import ChannelLayerNorm
+from .quantized import gemm
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -131,13 +132,11 @@ class PromptEncoder3D(nn.Module):
         return sparse, dense
 
     def downscale(self, masks: torch.Tensor) -> torch.Tensor:
-        """``mask_downscaling`` (32^3 -> 8^3); channels-last matrix products with
-        ``downscale_as_gemm``."""
+        """``mask_downscaling`` (32^3 -> 8^3); with ``downscale_as_gemm`` the last (1x1)
+        convolution is a matrix product with a channels-last result (the narrow layers before
+        it are faster as they are than as matrix products)."""
         if not self.downscale_as_gemm:
             return self.mask_downscaling(masks)
-        conv1, norm1, act1, conv2, norm2, act2, conv3 = self.mask_downscaling
-        x = act1(
-            channel_norm(strided_conv_channels_last(masks.permute(0, 2, 3, 4, 1), conv1), norm1)
-        )
-        x = act2(channel_norm(strided_conv_channels_last(x, conv2), norm2))
-        return strided_conv_channels_last(x, conv3).permute(0, 4, 1, 2, 3)
+        x = self.mask_downscaling[:-1](masks).permute(0, 2, 3, 4, 1)
+        conv = self.mask_downscaling[-1]
+        return gemm(x, conv, conv.weight, conv.bias).permute(0, 4, 1, 2, 3)

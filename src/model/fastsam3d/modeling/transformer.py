@@ -37,6 +37,47 @@ class Attention(nn.Module):
         out = (attn @ v).transpose(1, 2)
         return self.out_proj(out.reshape(out.shape[0], out.shape[1], self.internal_dim))
 
+    def _head_weights(self, linear: nn.Linear) -> torch.Tensor:
+        """(H, d, C) per-head rows of a projection to the internal width."""
+        return linear.weight.view(self.num_heads, -1, linear.weight.shape[1])
+
+    def attend_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``forward`` for few queries (B, T, C) and many keys / values (B, N, C).
+
+        The key and value projections move to the query side: scores are ``(q Wk) k^T`` (the
+        key bias adds a constant per query, which softmax cancels) and the output is
+        ``(attn v) Wv^T + bv`` (attention rows sum to 1), so no (N, C) tensor is projected.
+        """
+        batch, t, _ = q.shape
+        q = self._heads(self.q_proj(q))
+        q = (q / math.sqrt(q.shape[-1])) @ self._head_weights(self.k_proj)
+        attn = (q.reshape(batch, -1, q.shape[-1]) @ k.transpose(1, 2)).softmax(dim=-1)
+        out = (attn @ v).view(batch, self.num_heads, t, -1)
+        out = out @ self._head_weights(self.v_proj).transpose(1, 2)
+        out = (out + self.v_proj.bias.view(self.num_heads, 1, -1)).transpose(1, 2)
+        return self.out_proj(out.reshape(batch, t, self.internal_dim))
+
+    def attend_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``forward`` for many queries (B, N, C) and few keys / values (B, T, C).
+
+        The query and output projections move to the key side: scores are
+        ``q (Wq^T k^T) + bq k^T`` and the output is ``attn (v Wo^T) + bo``, one (N, H * T)
+        product each way instead of two (N, C) projections.
+        """
+        batch, n, _ = q.shape
+        k, v = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        heads, t, d = k.shape[1:]
+        k = k / math.sqrt(d)
+        keys = (k @ self._head_weights(self.q_proj)).reshape(batch, heads * t, -1)
+        bias = (k @ self.q_proj.bias.view(heads, d, 1)).reshape(batch, heads * t, 1)
+        # (B, H * T, N): softmax over T is then a vectorised inner-axis reduction
+        attn = torch.baddbmm(bias, keys, q.transpose(1, 2)).view(batch, heads, t, n)
+        attn = attn.softmax(dim=2).view(batch, heads * t, n)
+        values = v @ self.out_proj.weight.view(-1, heads, d).permute(1, 2, 0)
+        return torch.baddbmm(
+            self.out_proj.bias, attn.transpose(1, 2), values.reshape(batch, heads * t, -1)
+        )
+
 
 class TwoWayAttentionBlock3D(nn.Module):
     """Self-attention on tokens, token->image, MLP, image->token (LayerNorm eps 1e-5).
@@ -73,7 +114,9 @@ class TwoWayAttentionBlock3D(nn.Module):
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        folded: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block; ``folded`` uses :meth:`Attention.attend_image` / ``attend_tokens``."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -81,10 +124,12 @@ class TwoWayAttentionBlock3D(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
         q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        if folded:
+            to_image, to_tokens = to_image.attend_image, to_tokens.attend_tokens
+        queries = self.norm2(queries + to_image(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(keys + to_tokens(k, queries + query_pe, queries))
         return queries, keys
 
 
@@ -113,14 +158,23 @@ class TwoWayTransformer3D(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        folded: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, T, C) attend the image (B, C, X, Y, Z); returns (tokens, image tokens)."""
+        """Tokens (B, T, C) attend the image (B, C, X, Y, Z); returns (tokens, image tokens).
+
+        ``folded`` moves the cross-attention projections of the image tokens to the few
+        prompt tokens (same result up to fp32 rounding, about a third of the products).
+        """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, folded)
         q, k = queries + point_embedding, keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
-        return queries, keys
+        final = self.final_attn_token_to_image
+        attn = final.attend_image(q, k, keys) if folded else final(q, k, keys)
+        return self.norm_final_attn(queries + attn), keys
