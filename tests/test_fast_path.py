@@ -98,6 +98,7 @@ def test_benchmark_report_runs_on_cpu(monkeypatch):
     report = run_benchmarks("cpu", repeats=1, warmup=0, teacher=True, batch=2)
     names = [r["name"] for r in report["results"]]
     assert names[0] == "student encoder" and names[-1].startswith("teacher")
+    assert names[1] == "student encoder, int8 products (opt-in)"
     assert all(r["fast_ms"] > 0 and r["reference_ms"] > 0 for r in report["results"])
     assert "| student encoder | 1 |" in format_table(report)
 

@@ -3,14 +3,15 @@
 Timings are medians of synchronised runs after warm-up, with random weights at the released
 sizes (speed does not depend on the values). The reference is this project's unprepared fp32
 model (official order of operations, math attention, 3D convolutions, generic trilinear
-upsampling); the fast path is the same model after :meth:`Sam3D.prepare_inference` (bf16
-encoder on CUDA, fp32 elsewhere), and rows marked "opt-in" time the variant a user can ask for
-(int8 products on CPUs, ``torch.compile`` on GPUs).
+upsampling); the fast path is the same model after :meth:`Sam3D.prepare_inference` (fp32),
+and rows marked "opt-in" time the variants a user can ask for (int8 products on CPUs; a bf16
+encoder, and with it ``torch.compile``, on GPUs).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import platform
@@ -105,11 +106,16 @@ def ball_logits(centre, radius: float = 20.0, device=None) -> torch.Tensor:
     return (radius - dist).clamp(-8, 8)[None, None]
 
 
-def opt_in_variant(device: torch.device) -> tuple[str, dict]:
-    """The opt-in fast path benched beside the default one: int8 on CPUs, compiled on GPUs."""
+def opt_in_variants(device: torch.device) -> list[tuple[str, dict]]:
+    """Opt-in fast paths benched beside the default: int8 on CPUs, bf16 (+ compile) on GPUs."""
     if device.type == "cpu":
-        return "int8 products", {"dtype": torch.int8}
-    return "torch.compile", {"compile_mode": "default"}
+        return [("int8 products", {"dtype": torch.int8})]
+    variants = [("bf16", {"dtype": torch.bfloat16})]
+    if device.type == "cuda":
+        variants.append(
+            ("bf16 + torch.compile", {"dtype": torch.bfloat16, "compile_mode": "default"})
+        )
+    return variants
 
 
 def run_benchmarks(
@@ -128,8 +134,23 @@ def run_benchmarks(
     device = torch.device(device)
     results: list[Measurement] = []
     slow_repeats = max(3, repeats // 4) if device.type == "cpu" else repeats
+
+    def add_opt_in(models, label: str, size: int, call, runs: int, warm: int) -> None:
+        """One row per opt-in variant, beside the last row's reference."""
+        for name, model in models:
+            fast_ms = time_median(functools.partial(call, model), device, runs, warm)
+            reference_ms = results[-1].reference_ms
+            results.append(Measurement(f"{label}, {name} (opt-in)", size, reference_ms, fast_ms))
+
+    def prepared(model: Sam3D) -> list[tuple[str, Sam3D]]:
+        return [
+            (name, copy.deepcopy(model).prepare_inference(**options))
+            for name, options in opt_in_variants(device)
+        ]
+
     with torch.inference_mode():
         reference, fast = _models(student, device)
+        variants = prepared(reference)
         x = torch.randn(1, 1, 128, 128, 128, device=device)
         results.append(
             _pair(
@@ -142,11 +163,7 @@ def run_benchmarks(
                 warmup,
             )
         )
-        opt_in, options = opt_in_variant(device)
-        low = copy.deepcopy(reference).prepare_inference(**options)
-        fast_ms = time_median(lambda: low.encode(x), device, slow_repeats, warmup)
-        name = f"student encoder, {opt_in} (opt-in)"
-        results.append(Measurement(name, 1, results[0].reference_ms, fast_ms))
+        add_opt_in(variants, "student encoder", 1, lambda m: m.encode(x), slow_repeats, warmup)
         emb = reference.encode(x)
         points = torch.tensor([[[64.0, 60.0, 70.0]]], device=device)
         labels = torch.ones(1, 1, dtype=torch.int64, device=device)
@@ -173,14 +190,14 @@ def run_benchmarks(
                 warmup,
             )
         )
-        fast_ms = time_median(
-            lambda: low.decode(emb, points, labels, previous, return_mask=False),
-            device,
+        add_opt_in(
+            variants,
+            "decode without the 128^3 mask",
+            1,
+            lambda m: m.decode(emb, points, labels, previous, return_mask=False),
             repeats,
             warmup,
         )
-        name = f"decode without the 128^3 mask, {opt_in} (opt-in)"
-        results.append(Measurement(name, 1, results[-1].reference_ms, fast_ms))
         ball = ball_logits((64.0, 60.0, 70.0), device=device)
         results.append(
             _pair(
@@ -195,6 +212,7 @@ def run_benchmarks(
         )
         if batch > 1:
             xb = torch.randn(batch, 1, 128, 128, 128, device=device)
+            runs = max(3, slow_repeats // 2)
             results.append(
                 _pair(
                     "student encoder (batch)",
@@ -202,15 +220,15 @@ def run_benchmarks(
                     lambda: reference.encode(xb),
                     lambda: fast.encode(xb),
                     device,
-                    max(3, slow_repeats // 2),
+                    runs,
                     2,
                 )
             )
-            if device.type == "cuda":
-                fast_ms = time_median(lambda: low.encode(xb), device, max(3, slow_repeats // 2), 2)
-                name = f"student encoder (batch), {opt_in} (opt-in)"
-                results.append(Measurement(name, batch, results[-1].reference_ms, fast_ms))
-        del reference, fast
+            if device.type != "cpu":
+                add_opt_in(
+                    variants, "student encoder (batch)", batch, lambda m: m.encode(xb), runs, 2
+                )
+        del reference, fast, variants
         if teacher:
             reference, fast = _models("sam-med3d-turbo", device)
             results.append(
@@ -224,11 +242,15 @@ def run_benchmarks(
                     2,
                 )
             )
-            if device.type == "cuda":
-                low = copy.deepcopy(reference).prepare_inference(**options)
-                fast_ms = time_median(lambda: low.encode(x), device, slow_repeats, 2)
-                name = f"teacher encoder, {opt_in} (opt-in)"
-                results.append(Measurement(name, 1, results[-1].reference_ms, fast_ms))
+            if device.type != "cpu":
+                add_opt_in(
+                    prepared(reference),
+                    "teacher encoder",
+                    1,
+                    lambda m: m.encode(x),
+                    slow_repeats,
+                    2,
+                )
     return {
         "device": describe_device(device),
         "torch": torch.__version__,
