@@ -1,6 +1,7 @@
-"""The default GPU fast path with and without ``torch.compile``, beside each other.
+"""The GPU fast path with and without ``torch.compile``, beside each other.
 
-Usage: ``python benchmarks/compile_probe.py [--mode default] [--model fastsam3d] [--json F]``.
+Usage: ``python benchmarks/compile_probe.py [--mode default] [--model fastsam3d]
+[--dtype bfloat16|float32] [--json F]``.
 Random weights, CUDA only; both variants replay CUDA graphs; medians of synchronised runs.
 """
 
@@ -39,15 +40,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", default="default", help="torch.compile mode")
     parser.add_argument("--model", default="fastsam3d")
+    parser.add_argument("--dtype", default="bfloat16", help="encoder precision of both paths")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
     reference = build_model(args.model).eval().to(device)
-    fast = copy.deepcopy(reference).prepare_inference()
-    compiled = copy.deepcopy(reference).prepare_inference(compile_mode=args.mode)
+    dtype = getattr(torch, args.dtype)
+    fast = copy.deepcopy(reference).prepare_inference(dtype=dtype)
+    compiled = copy.deepcopy(reference).prepare_inference(dtype=dtype, compile_mode=args.mode)
     report = {"device": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model}
+    report["dtype"] = args.dtype
     with torch.inference_mode():
         for batch in [int(b) for b in args.batches.split(",")]:
             x = torch.randn(batch, 1, 128, 128, 128, device=device)
