@@ -1,6 +1,7 @@
 """Fast inference paths against the exact fp32 reference on the same weights."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -260,3 +261,17 @@ def test_compiled_fast_path_matches_the_fp32_fast_path():
     assert (low_compiled - low_fast).abs().max() <= 1e-3 * low_fast.abs().max()
     dice = 2 * (mask_fast & mask_compiled).sum() / (mask_fast.sum() + mask_compiled.sum())
     assert dice >= 0.99
+
+
+def test_benchmark_leaves_out_a_variant_that_fails_to_compile(monkeypatch, caplog):
+    def timer(fn, device, repeats, warmup):
+        if isinstance(fn, functools.partial):  # the opt-in rows
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+        return 1.0
+
+    monkeypatch.setattr("fastsam3d.benchmark.build_model", lambda name: build_model("tiny"))
+    monkeypatch.setattr("fastsam3d.benchmark.time_median", timer)
+    report = run_benchmarks("cpu", repeats=1, warmup=0, teacher=False, batch=1)
+    names = [r["name"] for r in report["results"]]
+    assert names and not any("opt-in" in name for name in names)
+    assert "left out (no C++ compiler)" in caplog.text

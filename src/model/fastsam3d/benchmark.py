@@ -136,10 +136,15 @@ def run_benchmarks(
     slow_repeats = max(3, repeats // 4) if device.type == "cpu" else repeats
 
     def add_opt_in(models, label: str, size: int, call, runs: int, warm: int) -> None:
-        """One row per opt-in variant, beside the last row's reference."""
+        """One row per opt-in variant, beside the last row's reference; a variant that fails
+        to compile here is reported and left out."""
+        reference_ms = results[-1].reference_ms
         for name, model in models:
-            fast_ms = time_median(functools.partial(call, model), device, runs, warm)
-            reference_ms = results[-1].reference_ms
+            try:
+                fast_ms = time_median(functools.partial(call, model), device, runs, warm)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                logger.warning("%s, %s: left out (%s)", label, name, error)
+                continue
             results.append(Measurement(f"{label}, {name} (opt-in)", size, reference_ms, fast_ms))
 
     def prepared(model: Sam3D) -> list[tuple[str, Sam3D]]:
