@@ -30,15 +30,14 @@ def conv_transpose_blocks(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Te
     return y.view(*x.shape[:-1], 8, out)
 
 
-class MaskDecoder3D(nn.Module):
-    """SAM-style decoder with hypernetwork mask heads (keys match ``mask_decoder.*``).
-
-    ``upscale_as_gemm`` (the fast path, set by ``Sam3D.prepare_inference``) runs the
-    upscaling as matrix products on channels-last tokens and the transformer ``folded``.
+class SamMaskDecoder(nn.Module):
+    """The parameters every SAM-style decoder shares (keys match ``mask_decoder.*``): IoU and
+    mask tokens, a two-step transposed-convolution upscaling, hypernetwork MLPs and the IoU head.
 
     Args:
         transformer_dim: token / image channel width.
         transformer: the two-way transformer module.
+        conv_transpose: ``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``.
         num_multimask_outputs: masks predicted besides the single-mask output.
         iou_head_depth: layers of the IoU head.
         iou_head_hidden_dim: hidden width of the IoU head.
@@ -49,6 +48,7 @@ class MaskDecoder3D(nn.Module):
         *,
         transformer_dim: int,
         transformer: nn.Module,
+        conv_transpose: type[nn.Module],
         num_multimask_outputs: int = 3,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
@@ -60,10 +60,10 @@ class MaskDecoder3D(nn.Module):
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose3d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            conv_transpose(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
             ChannelLayerNorm(transformer_dim // 4),
             nn.GELU(),
-            nn.ConvTranspose3d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            conv_transpose(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
@@ -73,6 +73,17 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+
+
+class MaskDecoder3D(SamMaskDecoder):
+    """The 3D decoder (:class:`SamMaskDecoder` with 3D transposed convolutions).
+
+    ``upscale_as_gemm`` (the fast path, set by ``Sam3D.prepare_inference``) runs the
+    upscaling as matrix products on channels-last tokens and the transformer ``folded``.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(conv_transpose=nn.ConvTranspose3d, **kwargs)
         self.upscale_as_gemm = False
 
     def forward(

@@ -6,48 +6,14 @@ The two-way transformer is the one of the 3D decoder (it works on flattened toke
 import torch
 from torch import nn
 
-from .common import MLP, ChannelLayerNorm
+from .mask_decoder import SamMaskDecoder
 
 
-class MaskDecoder2D(nn.Module):
-    """SAM decoder with hypernetwork mask heads (keys match ``mask_decoder.*``).
+class MaskDecoder2D(SamMaskDecoder):
+    """The 2D decoder (:class:`.mask_decoder.SamMaskDecoder` with 2D transposed convolutions)."""
 
-    Args:
-        transformer_dim: token / image channel width.
-        transformer: the two-way transformer module.
-        num_multimask_outputs: masks predicted besides the single-mask output.
-        iou_head_depth: layers of the IoU head.
-        iou_head_hidden_dim: hidden width of the IoU head.
-    """
-
-    def __init__(
-        self,
-        *,
-        transformer_dim: int,
-        transformer: nn.Module,
-        num_multimask_outputs: int = 3,
-        iou_head_depth: int = 3,
-        iou_head_hidden_dim: int = 256,
-    ) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.num_mask_tokens = num_multimask_outputs + 1
-        self.iou_token = nn.Embedding(1, transformer_dim)
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            ChannelLayerNorm(transformer_dim // 4),
-            nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
-            for _ in range(self.num_mask_tokens)
-        )
-        self.iou_prediction_head = MLP(
-            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
-        )
+    def __init__(self, **kwargs) -> None:
+        super().__init__(conv_transpose=nn.ConvTranspose2d, **kwargs)
 
     def forward(
         self,
