@@ -42,6 +42,36 @@ class PositionEmbeddingRandom3D(nn.Module):
         return self.encode(torch.stack(normalised, dim=-1))
 
 
+def mask_downscaling(conv: type[nn.Module], mask_in_chans: int, embed_dim: int) -> nn.Sequential:
+    """SAM's mask path (keys ``mask_downscaling.*``): two stride-2 convolutions, each followed
+    by a channel LayerNorm and GELU, then a 1x1 convolution to the prompt width."""
+    return nn.Sequential(
+        conv(1, mask_in_chans // 4, kernel_size=2, stride=2),
+        ChannelLayerNorm(mask_in_chans // 4),
+        nn.GELU(),
+        conv(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+        ChannelLayerNorm(mask_in_chans),
+        nn.GELU(),
+        conv(mask_in_chans, embed_dim, kernel_size=1),
+    )
+
+
+def embed_point_labels(
+    encoder: nn.Module, points: torch.Tensor, labels: torch.Tensor, pad: bool, encode
+) -> torch.Tensor:
+    """SAM's point embedding: positional code (``encode(points)``) plus the label's learned
+    embedding; label -1 (the pad point appended when ``pad``) keeps only ``not_a_point_embed``."""
+    if pad:
+        points = torch.cat([points, points.new_zeros(points.shape[0], 1, points.shape[-1])], 1)
+        labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+    embedding = encode(points.float())
+    labels = labels[..., None]
+    embedding = torch.where(labels == -1, torch.zeros_like(embedding), embedding)
+    embedding = embedding + (labels == -1) * encoder.not_a_point_embed.weight
+    embedding = embedding + (labels == 0) * encoder.point_embeddings[0].weight
+    return embedding + (labels == 1) * encoder.point_embeddings[1].weight
+
+
 class PromptEncoder3D(nn.Module):
     """Embeds point prompts and mask logits for :class:`MaskDecoder3D`.
 
@@ -67,15 +97,7 @@ class PromptEncoder3D(nn.Module):
         self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans // 4),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        self.mask_downscaling = mask_downscaling(nn.Conv3d, mask_in_chans, embed_dim)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
         self.downscale_as_gemm = False
 
@@ -89,15 +111,10 @@ class PromptEncoder3D(nn.Module):
         return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        if pad:
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 3)], dim=1)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        embedding = self.pe_layer.points(points.float(), self.input_image_size)
-        labels = labels[..., None]
-        embedding = torch.where(labels == -1, torch.zeros_like(embedding), embedding)
-        embedding = embedding + (labels == -1) * self.not_a_point_embed.weight
-        embedding = embedding + (labels == 0) * self.point_embeddings[0].weight
-        return embedding + (labels == 1) * self.point_embeddings[1].weight
+        size = self.input_image_size
+        return embed_point_labels(
+            self, points, labels, pad, lambda p: self.pe_layer.points(p, size)
+        )
 
     def forward(
         self,

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .common import ChannelLayerNorm
+from .prompt_encoder import embed_point_labels, mask_downscaling
 
 
 class PositionEmbeddingRandom2D(nn.Module):
@@ -69,15 +69,7 @@ class PromptEncoder2D(nn.Module):
         # 0 negative point, 1 positive point, 2 / 3 top-left / bottom-right box corner
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans // 4),
-            nn.GELU(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans),
-            nn.GELU(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        self.mask_downscaling = mask_downscaling(nn.Conv2d, mask_in_chans, embed_dim)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
@@ -85,15 +77,10 @@ class PromptEncoder2D(nn.Module):
         return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        if pad:
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        embedding = self.pe_layer.pixels(points.float(), self.input_image_size)
-        labels = labels[..., None]
-        embedding = torch.where(labels == -1, torch.zeros_like(embedding), embedding)
-        embedding = embedding + (labels == -1) * self.not_a_point_embed.weight
-        embedding = embedding + (labels == 0) * self.point_embeddings[0].weight
-        return embedding + (labels == 1) * self.point_embeddings[1].weight
+        size = self.input_image_size
+        return embed_point_labels(
+            self, points, labels, pad, lambda p: self.pe_layer.pixels(p, size)
+        )
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = self.pe_layer.pixels(boxes.float().reshape(-1, 2, 2), self.input_image_size)
