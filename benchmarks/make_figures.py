@@ -1,7 +1,7 @@
 """Figures for docs/RESULTS.md and docs/BENCHMARKS.md from the JSON the tools write.
 
-* ``dice_vs_clicks.png``: mean Dice after each click, one panel per data set, one line per
-  method (``fastsam3d eval --json`` files).
+* ``dice_vs_clicks.png`` (or ``--dice-name``): mean Dice after each click, one panel per data
+  set, one line per method (``fastsam3d eval --json`` files).
 * ``latency.png``: exact fp32 reference vs fast path per benchmarked path and device
   (``fastsam3d bench --json`` files).
 * ``example_masks.png`` (with ``--model``, ``--images``, ``--labels``): one axial slice per
@@ -41,8 +41,9 @@ def method_label(report: dict, path: str) -> str:
     return f"{label} (oracle)" if report.get("oracle") else label
 
 
-def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
-    """One panel per data set; ``panels`` maps a title to eval JSON files."""
+def plot_dice_vs_clicks(panels: dict[str, list[str]], target: Path) -> Path:
+    """One panel per data set, written to ``target``; ``panels`` maps a title to eval JSON
+    files."""
     cols = min(2, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
@@ -61,7 +62,7 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], out: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return save(fig, out / "dice_vs_clicks.png", dpi=120)
+    return save(fig, target, dpi=120)
 
 
 def plot_latency(files: list[str], out: Path) -> Path:
@@ -127,6 +128,9 @@ def main() -> None:
     parser.add_argument(
         "--eval", action="append", default=[], metavar="TITLE:GLOB", help="repeatable"
     )
+    parser.add_argument(
+        "--dice-name", default="dice_vs_clicks.png", help="file name of the --eval figure"
+    )
     parser.add_argument("--bench", nargs="*", default=[])
     parser.add_argument("--model")
     parser.add_argument("--images")
@@ -142,7 +146,7 @@ def main() -> None:
         for item in args.eval:
             title, _, pattern = item.partition(":")
             panels.setdefault(title, []).extend(glob.glob(pattern))
-        written.append(plot_dice_vs_clicks(panels, out))
+        written.append(plot_dice_vs_clicks(panels, out / args.dice_name))
     if args.bench:
         written.append(plot_latency(args.bench, out))
     if args.model:

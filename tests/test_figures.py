@@ -33,7 +33,9 @@ def test_dice_and_latency_figures_are_written(figures, tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     out = tmp_path / "images"
     out.mkdir()
-    dice = figures.plot_dice_vs_clicks({"CT": sorted(map(str, tmp_path.glob("*_ct.json")))}, out)
+    dice = figures.plot_dice_vs_clicks(
+        {"CT": sorted(map(str, tmp_path.glob("*_ct.json")))}, out / "dice.png"
+    )
     latency = figures.plot_latency([str(tmp_path / "bench.json")], out)
     assert dice.stat().st_size > 10_000 and latency.stat().st_size > 10_000
     assert figures.method_label(oracle, "x/box_ct.json") == "box (oracle)"
