@@ -5,7 +5,12 @@ import copy
 import pytest
 import torch
 
-from fastsam3d.modeling.attention import RelPosAttention3D
+from fastsam3d.modeling.attention import (
+    RelPosAttention3D,
+    decomposed_rel_pos_bias,
+    rel_pos_bias_product,
+    rel_pos_terms,
+)
 from fastsam3d.modeling.configs import ModelConfig, build_model
 from fastsam3d.modeling.sparse_attention import (
     dilated_indices,
@@ -150,6 +155,17 @@ def test_bias_folded_into_the_dot_product_is_exact():
     x = torch.randn(2, 8, 8, 8, 32, dtype=torch.float64)
     ref, flash = run(layer, x, "math"), run(layer, x, "flash")
     assert (flash - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+def test_bias_as_one_product_equals_the_broadcast_sum():
+    """The CUDA form of the sdpa bias: per-query tables times one-hot key coordinates."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 512, 16, dtype=torch.float64)
+    tables = [torch.randn(15, 16, dtype=torch.float64) for _ in range(3)]
+    terms = rel_pos_terms(q, *tables, 8)
+    product = rel_pos_bias_product(*terms, 8)
+    assert product.shape == (3, 512, 512)
+    assert torch.equal(product, decomposed_rel_pos_bias(q, *tables, 8))
 
 
 def test_flash_backend_through_prepare_inference_keeps_the_masks():

@@ -32,17 +32,22 @@ def augment_queries_keys(
     q_aug = torch.cat(
         [q * scale, first.reshape(batch, heads, n, -1), second.reshape(batch, heads, n, -1)], -1
     )
-    eye = torch.eye(size, dtype=q.dtype, device=q.device)
-    # key (kd, kh, kw): one-hot of (kd, kw) and of (kh, kw)
+    hot = key_one_hot(size, q.dtype, q.device)
+    k_aug = torch.cat([k, hot.expand(batch, heads, -1, -1)], dim=-1)
+    return q_aug, k_aug
+
+
+def key_one_hot(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size**3, 2 * size**2): for key (kd, kh, kw) the one-hot of (kd, kw), then of (kh, kw)."""
+    eye = torch.eye(size, dtype=dtype, device=device)
     hot_dw = (eye[:, None, None, :, None] * eye[None, None, :, None, :]).expand(
         -1, size, -1, -1, -1
     )
     hot_hw = (eye[None, :, None, :, None] * eye[None, None, :, None, :]).expand(
         size, -1, -1, -1, -1
     )
-    hot = torch.cat([hot_dw.reshape(n, -1), hot_hw.reshape(n, -1)], dim=-1)
-    k_aug = torch.cat([k, hot.expand(batch, heads, -1, -1)], dim=-1)
-    return q_aug, k_aug
+    n = size**3
+    return torch.cat([hot_dw.reshape(n, -1), hot_hw.reshape(n, -1)], dim=-1)
 
 
 def augmented_attention(

@@ -20,7 +20,9 @@ BLOCK_STYLES = ("fastsam3d", "sam_med3d")
 
 
 def _neighbours(x: torch.Tensor) -> torch.Tensor:
-    """The 27 neighbours of each token (zero padding 1), (B, D, H, W, C) -> (..., C * 27)."""
+    """The 27 neighbours of each token (zero padding 1), (B, D, H, W, C) -> (..., 27 * C),
+    neighbour-major so that every copy writes whole channel rows (see :func:`_neighbour_kernel`).
+    """
     batch, d, h, w, c = x.shape
     padded = F.pad(x, (0, 0, 1, 1, 1, 1, 1, 1))
     shifted = [
@@ -29,7 +31,13 @@ def _neighbours(x: torch.Tensor) -> torch.Tensor:
         for j in range(3)
         for k in range(3)
     ]
-    return torch.stack(shifted, dim=-1).reshape(batch, d, h, w, c * 27)
+    return torch.stack(shifted, dim=-2).reshape(batch, d, h, w, 27 * c)
+
+
+def _neighbour_kernel(conv: nn.Conv3d) -> torch.Tensor:
+    """A 3x3x3 convolution's kernel as a view (C_out, 3, 3, 3, C_in): flattened, it matches
+    :func:`_neighbours`' order (the int8 path flattens it only when it requantises)."""
+    return conv.weight.permute(0, 2, 3, 4, 1)
 
 
 def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +53,9 @@ def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     batch, d, h, w, c = x.shape
     int8 = getattr(conv3, "int8_weight", None) if x.device.type == "cpu" else None
     if int8 is None:
-        x = gemm(_neighbours(x), conv3, conv3.weight)
+        x = gemm(_neighbours(x), conv3, _neighbour_kernel(conv3))
     else:
-        weight = conv3.weight.flatten(1)
+        weight = _neighbour_kernel(conv3)
         parts = quantize_passes(x.reshape(1, -1).float(), int8.passes)
         columns = [(_neighbours(q.view(x.shape)).view(-1, 27 * c), scale) for q, scale in parts]
         x = sum(int8_product(*p, weight, None, int8, conv3.weight) for p in columns)
