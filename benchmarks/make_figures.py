@@ -18,6 +18,7 @@ Usage::
 import argparse
 import glob
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -71,7 +72,7 @@ def plot_latency(files: list[str], out: Path) -> Path:
     fig, axes = plt.subplots(len(reports), 1, figsize=(8, 2.6 * len(reports)), squeeze=False)
     for ax, report in zip(axes[:, 0], reports, strict=True):
         rows = report["results"]
-        names = [f"{r['name'].split(' (')[0]} (batch {r['batch']})" for r in rows]
+        names = [f"{re.sub(r' [(][^)]*[)]', '', r['name'])} (batch {r['batch']})" for r in rows]
         y = np.arange(len(rows))
         ref = [r["reference_ms"] or np.nan for r in rows]
         fast = [r["fast_ms"] for r in rows]
