@@ -37,8 +37,10 @@ def save(fig, path: Path, dpi: int = 120) -> Path:
 
 
 def method_label(report: dict, path: str) -> str:
-    """A legend entry: the file's stem, marked when the method is an oracle."""
+    """A legend entry: the file's stem without the protocol and data set, marked when the
+    method is an oracle."""
     label = Path(path).stem.rsplit("_", 1)[0]
+    label = label.removeprefix("cvpr25-").removesuffix("-cvpr25")
     return f"{label} (oracle)" if report.get("oracle") else label
 
 
@@ -50,13 +52,17 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], target: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
+    colours: dict[str, str] = {}  # one colour per method in every panel
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, files) in zip(axes.flat[: len(panels)], panels.items(), strict=True):
-        for path in sorted(files):
-            report = json.loads(Path(path).read_text())
+        reports = [(json.loads(Path(p).read_text()), p) for p in files]
+        for report, path in sorted(reports, key=lambda item: method_label(*item)):
+            label = method_label(report, path)
+            colour = colours.setdefault(label, cycle[len(colours) % len(cycle)])
             dice = report["summary"]["mean_dice_per_click"]
             style = "--" if report.get("oracle") else "-"
-            ax.plot(range(1, len(dice) + 1), dice, style, marker="o", ms=3)
-            ax.lines[-1].set_label(method_label(report, path))
+            ax.plot(range(1, len(dice) + 1), dice, style, marker="o", ms=3, color=colour)
+            ax.lines[-1].set_label(label)
         count = report["summary"]["structures"]
         noun = "structure" if count == 1 else "structures"
         ax.set(title=f"{title} ({count} {noun})", xlabel="clicks", ylabel="mean Dice")
