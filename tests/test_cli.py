@@ -33,8 +33,8 @@ def stand_in(monkeypatch):
     """``--model`` loads the thresholding stand-in (no weights needed)."""
     loaded = []
 
-    def load(source, device):
-        loaded.append((source, str(device)))
+    def load(source, device, precision="fp32"):
+        loaded.append((source, str(device), precision))
         return _model()
 
     monkeypatch.setattr(cli, "_load_model", load)
@@ -73,7 +73,7 @@ def test_segment_round_trip_keeps_affine_and_header(ct, tmp_path, stand_in, caps
     argv = ["segment", str(ct), "--point", "58,24,11", "--point", "60,50,15:-", "-o", str(out)]
     options = ["--model", "my-weights", "--device", "cpu", "--max-extra-rois", "2"]
     assert cli.main([*argv, *options]) == 0
-    assert stand_in == [("my-weights", "cpu")]
+    assert stand_in == [("my-weights", "cpu", "fp32")]
     assert "wrote" in capsys.readouterr().out
     source, written = nib.load(str(ct)), nib.load(str(out))
     assert written.shape == source.shape
@@ -92,7 +92,7 @@ def test_segment_round_trip_keeps_affine_and_header(ct, tmp_path, stand_in, caps
 
 
 def _ball_model(monkeypatch):
-    monkeypatch.setattr(cli, "_load_model", lambda source, device: ThresholdModel())
+    monkeypatch.setattr(cli, "_load_model", lambda source, device, precision: ThresholdModel())
 
 
 def test_oblique_qform_and_sform_survive(tmp_path, monkeypatch):
@@ -244,3 +244,29 @@ def test_convert_and_every_subcommand_is_registered(tmp_path, capsys):
     text = capsys.readouterr().out
     for name in ("segment", "info", "convert", *cli.EXTERNAL_COMMANDS):
         assert name in text
+
+
+def test_int8_precision_segments_like_fp32_with_the_default_model(ct, tmp_path):
+    """``--precision int8`` (opt-in CPU encoder) gives the fp32 mask up to a few voxels."""
+    masks = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.nii.gz"
+        argv = ["segment", str(ct), "--point", "58,24,11", "-o", str(out), "--device", "cpu"]
+        assert cli.main([*argv, "--precision", precision, "--max-extra-rois", "0"]) == 0
+        masks[precision] = np.asarray(nib.load(str(out)).dataobj) > 0
+    fp32, int8 = masks["fp32"], masks["int8"]
+    assert fp32.sum() > 50
+    assert 2 * (fp32 & int8).sum() / (fp32.sum() + int8.sum()) > 0.95
+
+
+def test_a_precision_the_device_cannot_run_is_a_user_error(monkeypatch, capsys, ct, tmp_path):
+    class GpuOnly:
+        def prepare_inference(self, dtype=None):
+            raise ValueError("dtype=torch.int8 is a CPU path; use bfloat16 on GPUs")
+
+    monkeypatch.setattr("fastsam3d.checkpoints.load_model", lambda source, device: GpuOnly())
+    argv = ["segment", str(ct), "--point", "58,24,11", "-o", str(tmp_path / "x.nii.gz")]
+    assert cli.main([*argv, "--precision", "int8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision int8" in err and "CPU path" in err
+    assert not (tmp_path / "x.nii.gz").exists()

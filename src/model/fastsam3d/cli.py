@@ -48,10 +48,22 @@ def parse_point(text: str) -> tuple[tuple[float, float, float], bool]:
     return tuple(float(match.group(i)) for i in (1, 2, 3)), sign in ("+", "pos", "positive")
 
 
-def _load_model(source: str, device):
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _load_model(source: str, device, precision: str = "fp32"):
+    """The model prepared for inference with its encoder in ``precision`` (see
+    :meth:`Sam3D.prepare_inference`: fp32 is exact; bf16 and int8 are faster opt-ins)."""
+    import torch
+
     from .checkpoints import load_model
 
-    return load_model(source, device=device).prepare_inference()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[precision]
+    model = load_model(source, device=device)
+    try:
+        return model.prepare_inference(dtype=dtype)
+    except ValueError as err:  # e.g. int8 asked for on a GPU
+        raise InputError(f"--precision {precision}: {err}") from None
 
 
 def _add_segment(sub) -> None:
@@ -73,6 +85,14 @@ def _add_segment(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.nii.gz", help="label map to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or weights file")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="image encoder precision: fp32 (exact, default); bf16 (GPUs and CPUs with bf16 "
+        "units, several times faster on a GPU) or int8 (CPU only, about 2x faster): masks "
+        "within Dice 0.98-0.99 of fp32 on held-out CT (docs/RESULTS.md)",
+    )
     p.add_argument("--point-policy", choices=("newest", "all"), default=None)
     p.add_argument(
         "--max-extra-rois",
@@ -96,7 +116,7 @@ def _run_segment(args) -> int:
         raise InputError("nothing to segment: give at least one --point I,J,K or --prompts FILE")
     volume = Volume.from_file(args.image)
     device = resolve_device(args.device)
-    session = Session(_load_model(args.model, device), volume, device)
+    session = Session(_load_model(args.model, device, args.precision), volume, device)
     if args.prompts:
         session.from_json(args.prompts)
     overrides = {"point_policy": args.point_policy, "max_extra_rois": args.max_extra_rois}
