@@ -94,10 +94,9 @@ class Sam3D(nn.Module):
         bf16 units; with the bundled weights two of 145 held-out CT masks fell to Dice 0.986
         against the fp32 masks, below the 0.99 the fast paths are held to) with fused
         attention (SDPA, the teacher's padded windows folded exactly) and its convolutions as
-        matrix products; the
-        prompt encoder and decoder stay fp32; on CUDA both are replayed from CUDA graphs. An
-        unprepared model is the exact fp32 reference every fast path is compared with. Call
-        after ``.to()``.
+        matrix products; the prompt encoder and decoder stay fp32; on CUDA both are replayed
+        from CUDA graphs. An unprepared model is the exact fp32 reference every fast path is
+        compared with. Call after ``.to()``.
         ``compile_mode`` (opt-in, e.g. "default" or "max-autotune-no-cudagraphs") also runs
         encoder and decoder through ``torch.compile`` (seconds to a minute of compilation per
         input shape; worth it for batch work, not for one interactive volume).
