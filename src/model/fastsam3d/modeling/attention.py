@@ -70,8 +70,9 @@ def rel_pos_terms(
         relative_position_table(size, t, extent).to(q.dtype)
         for t in (rel_pos_d, rel_pos_h, rel_pos_w)
     )
-    # rel_x[b, d, h, w, k] = q(d, h, w) . Rx[axis index, k]; contiguous, so that sums of the
-    # broadcast terms come out contiguous too (else reshaping the full bias copies it again)
+    # rel_x[b, d, h, w, k] = q(d, h, w) . Rx[axis index, k]; contiguous, so that the sums of
+    # broadcast terms below (the CPU bias, the CUDA product's tables) come out contiguous and
+    # reshape without another copy
     rel_d = torch.einsum("bdhwc,dkc->bdhwk", r_q, rd).contiguous()
     rel_h = torch.einsum("bdhwc,hkc->bdhwk", r_q, rh).contiguous()
     rel_w = torch.einsum("bdhwc,wkc->bdhwk", r_q, rw).contiguous()
