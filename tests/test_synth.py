@@ -38,6 +38,20 @@ def test_identity_grid_reproduces_the_crop_exactly():
     assert torch.equal(sample_volume(labels, coords, "nearest"), labels)
 
 
+def test_zoom_shows_a_smaller_region_with_one_factor_for_all_axes():
+    centre = torch.tensor([[11.5, 11.5, 11.5]])
+    still = random_grid(centre, 24, STILL, gen())
+    zoomed = random_grid(centre, 24, dataclasses.replace(STILL, zoom=(0.5, 0.5)), gen())
+    torch.testing.assert_close(zoomed - 11.5, (still - 11.5) * 0.5)
+    lo, hi = 0.4, 0.9
+    grids = random_grid(centre.repeat(64, 1), 8, dataclasses.replace(STILL, zoom=(lo, hi)), gen())
+    extent = grids[:, -1, -1, -1] - grids[:, 0, 0, 0]  # (64, 3): 7 voxels times the factor
+    factors = extent / 7
+    torch.testing.assert_close(factors, factors[:, :1].expand(-1, 3))  # isotropic
+    assert lo - 1e-5 <= factors.min() and factors.max() <= hi + 1e-5
+    assert factors.max() - factors.min() > 0.2  # drawn per sample
+
+
 def test_off_centre_crop_shifts_by_the_offset():
     labels = cube_labels()
     coords = random_grid(torch.tensor([[13.5, 11.5, 10.5]]), 16, STILL, gen())

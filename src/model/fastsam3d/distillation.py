@@ -38,6 +38,7 @@ from .clicks import sample_training_clicks
 from .data import SamplingConfig, sample_batch
 from .modeling.configs import build_model
 from .modeling.sam3d import Sam3D
+from .synth import SynthConfig
 from .training import (
     InteractiveStep,
     add_runtime_arguments,
@@ -257,6 +258,7 @@ def _run_stage(
     sampling = SamplingConfig(
         size=options.crop, real_prob=options.real_prob, clip=teacher.config.intensity_clip
     )
+    synth = SynthConfig(zoom=tuple(options.zoom))
     budget = Budget(*budget_spec, counters["step"], counters["elapsed_s"], stop_minutes)
     on_step = _layer_schedule(module, student.config.depth) if stage == "layerwise" else None
     settings = LoopSettings(
@@ -265,7 +267,7 @@ def _run_stage(
     run_loop(
         wrapped,
         optimizer,
-        lambda: sample_batch(bank, options.batch, generator, sampling),
+        lambda: sample_batch(bank, options.batch, generator, sampling, synth),
         budget,
         generator,
         runtime,

@@ -35,6 +35,7 @@ class SynthConfig:
     flip: bool = True
     rotation_deg: float = 20.0
     scale: tuple[float, float] = (0.8, 1.25)
+    zoom: tuple[float, float] = (1.0, 1.0)
     shear: float = 0.05
     elastic_std: float = 3.0
     elastic_grid: int = 5
@@ -71,11 +72,16 @@ def random_affine(
 ) -> torch.Tensor:
     """Random linear maps (B, 3, 3) from output to source voxel offsets.
 
-    Composes a rotation, a shear, per-axis scales and (optionally) per-axis flips.
+    Composes a rotation, a shear, per-axis scales and (optionally) per-axis flips. A
+    ``config.zoom`` range other than (1, 1) also draws one isotropic factor per sample
+    (log-uniform; below 1 the crop shows a smaller region, as a finer inference grid does).
     """
     angles = _uniform((batch, 3), -1.0, 1.0, generator, device) * math.radians(config.rotation_deg)
     log_lo, log_hi = (math.log(v) for v in config.scale)
     scales = _uniform((batch, 3), log_lo, log_hi, generator, device).exp()
+    if tuple(config.zoom) != (1.0, 1.0):
+        zoom_lo, zoom_hi = (math.log(v) for v in config.zoom)
+        scales = scales * _uniform((batch, 1), zoom_lo, zoom_hi, generator, device).exp()
     if config.flip:
         scales = scales * torch.where(
             torch.rand((batch, 3), generator=generator, device=device) < 0.5, -1.0, 1.0

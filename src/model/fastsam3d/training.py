@@ -34,6 +34,7 @@ from .data import (
 )
 from .modeling.configs import build_model
 from .modeling.sam3d import Sam3D
+from .synth import SynthConfig
 from .training_runtime import (
     Budget,
     LoopSettings,
@@ -274,6 +275,7 @@ def train(options: TrainOptions) -> Path:
     sampling = SamplingConfig(
         size=options.crop, real_prob=options.real_prob, clip=model.config.intensity_clip
     )
+    synth = SynthConfig(zoom=tuple(options.zoom))
     budget = Budget(
         options.minutes,
         options.steps,
@@ -284,7 +286,7 @@ def train(options: TrainOptions) -> Path:
     run_loop(
         step_module,
         optimizer,
-        lambda: sample_batch(bank, options.batch, generator, sampling),
+        lambda: sample_batch(bank, options.batch, generator, sampling, synth),
         budget,
         generator,
         runtime,
@@ -363,6 +365,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default=RunOptions.class_size_power,
         help="draw a volume's classes in proportion to voxels**POWER (0: uniform; 0.5 "
         "favours organs over small parcels)",
+    )
+    parser.add_argument(
+        "--zoom",
+        type=float,
+        nargs=2,
+        default=RunOptions.zoom,
+        metavar=("LOW", "HIGH"),
+        help="isotropic crop scale range, log-uniform (0.5 shows half the field of view, as "
+        "the session's fine grid does; default 1 1: off)",
     )
 
 

@@ -122,6 +122,7 @@ class RunOptions:
     crop: int = 128
     real_prob: float = 0.3
     class_size_power: float = 0.0
+    zoom: tuple[float, float] = (1.0, 1.0)
     amp: str = "auto"
     attention: str | None = None
     device: str | None = None
