@@ -46,13 +46,17 @@ def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     The 1x1 convolution is a linear map; the 3x3x3 one gathers its 27 shifted neighbours
     (zero padding 1) and multiplies once by the flattened kernel. In int8 (see
     :func:`.quantized.quantize_int8`) the tokens are quantised with one scale per pass before
-    the gathering.
+    the gathering. In half precision on CUDA, cuDNN's channels-last convolution reads the
+    neighbours in place instead (batch 64 on an H200: 0.35 ms against 1.7 ms with the 27-fold
+    copy); fp32 keeps the matrix product, whose sums stay exact fp32 (cuDNN would use TF32).
     """
     conv1, norm1, conv3, norm3 = neck
     x = channel_norm(gemm(x, conv1, conv1.weight), norm1)
     batch, d, h, w, c = x.shape
     int8 = getattr(conv3, "int8_weight", None) if x.device.type == "cpu" else None
-    if int8 is None:
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        x = F.conv3d(x.permute(0, 4, 1, 2, 3), conv3.weight, padding=1).permute(0, 2, 3, 4, 1)
+    elif int8 is None:
         x = gemm(_neighbours(x), conv3, _neighbour_kernel(conv3))
     else:
         weight = _neighbour_kernel(conv3)

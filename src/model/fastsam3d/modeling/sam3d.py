@@ -118,6 +118,9 @@ class Sam3D(nn.Module):
             quantize_int8(encoder, layers, passes=2)
             dtype = torch.float32
         self.image_encoder.to(dtype)
+        if device.type == "cuda":  # the neck's cuDNN convolution reads channels-last weights
+            conv3 = self.image_encoder.neck[2].weight
+            conv3.data = conv3.data.contiguous(memory_format=torch.channels_last_3d)
         self.image_encoder.patch_embed.as_gemm = True
         self.mask_decoder.upscale_as_gemm = True
         self.prompt_encoder.downscale_as_gemm = True
