@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d import InputError, Session, SessionError, Volume
+from fastsam3d import InputError, Session, SessionError, Volume, zoom
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.predictor import resolve_device
 from fastsam3d.roi import tile_origins
@@ -62,6 +62,8 @@ def _balls(shape=(70, 64, 60), spacing=(2.0, 2.0, 2.0), balls=((30, 30, 28, 9),)
 
 
 def _session(volume, model=None, **settings):
+    """A session on the coarse grid only, unless the test asks for ``fine_spacing``."""
+    settings.setdefault("fine_spacing", None)
     return Session(
         model or Recorder(), volume, cache=EmbeddingCache(), settings=SessionSettings(**settings)
     )
@@ -102,7 +104,8 @@ def test_encoder_runs_once_per_roi_and_previous_logits_are_fed_back():
     assert session.roi == roi and update.encoded == 0 and _encodes(model) == 1
     np.testing.assert_array_equal(model.decodes[1]["mask_input"], model.decodes[0]["low"])
     # another session on the same volume and model reuses the cache
-    other = Session(model, volume, cache=session._predictor.cache)
+    other = _session(volume, model)
+    other._predictor.cache = session._predictor.cache
     assert other.add_point_result((30, 30, 28)).encoded == 0
 
 
@@ -324,6 +327,101 @@ def test_prompts_json_round_trip(tmp_path):
     assert fresh.from_json(text) is fresh
     np.testing.assert_array_equal(fresh.mask, session.mask)
     assert json.loads(fresh.prompts_to_json()) == doc
+
+
+# ---------------------------------------------------------------- fine-to-coarse zoom
+
+
+def test_small_object_stays_on_the_fine_grid():
+    volume, (truth,) = _balls(spacing=(1.0, 1.0, 1.0), balls=((30, 30, 28, 10),))
+    model = Recorder()
+    session = Session(model, volume, cache=EmbeddingCache())
+    assert session.settings.fine_spacing == 0.75
+    mask = session.add_point((30, 30, 28))
+    assert session.object_spacing == 0.75 and _encodes(model) == 1
+    assert _dice(mask, truth) > 0.9
+    # the fine ROI is 96 mm: the encoder saw the ball at twice the size of the 1.5 mm grid
+    fine = volume.model_grid(0.75).source_to_grid([30, 30, 28])
+    assert np.all(np.abs(session.roi.centre - fine) <= 2)
+    # a volume of 2 mm voxels has no detail for the fine grid: objects start coarse
+    coarse_volume, _ = _balls(balls=((30, 30, 28, 5),))
+    assert Session(Recorder(), coarse_volume, cache=EmbeddingCache()).object_spacing == 1.5
+
+
+def test_object_larger_than_the_fine_roi_moves_to_the_coarse_grid():
+    # radius 52 voxels of 1 mm: 104 mm across, more than the 96 mm fine ROI
+    volume, (truth,) = _balls(
+        shape=(160, 160, 150), spacing=(1.0, 1.0, 1.0), balls=((80, 80, 75, 52),)
+    )
+    session = Session(Recorder(), volume, cache=EmbeddingCache())
+    coarse = _session(volume)
+    update = session.add_point_result((80, 80, 75))
+    expected = coarse.add_point((80, 80, 75))
+    assert session.object_spacing == 1.5 and update.encoded == 2  # fine, then coarse
+    np.testing.assert_array_equal(session.mask, expected)
+    assert _dice(session.mask, truth) > 0.95
+    # later clicks stay on the coarse grid and match a coarse-only session
+    session.add_point((120, 80, 75), positive=False)
+    np.testing.assert_array_equal(session.mask, coarse.add_point((120, 80, 75), positive=False))
+    session.undo()
+    session.undo()  # takes back the zoom-out: fine grid, nothing segmented
+    assert session.object_spacing == 0.75 and not session.mask.any() and not session.clicks
+    session.redo()
+    assert session.object_spacing == 1.5
+    np.testing.assert_array_equal(session.mask, expected)
+    session.reset()
+    assert session.object_spacing == 0.75
+
+
+def test_prompts_json_replays_the_zoom_out_and_old_files():
+    volume, _ = _balls(
+        shape=(180, 160, 150), spacing=(1.0, 1.0, 1.0), balls=((80, 80, 75, 52), (160, 20, 20, 8))
+    )
+    session = Session(Recorder(), volume, cache=EmbeddingCache())
+    session.add_point((80, 80, 75))
+    session.commit()
+    session.add_point((160, 20, 20))
+    doc = json.loads(session.prompts_to_json())
+    spacings = [c["spacing"] for obj in doc["objects"] for c in obj["clicks"]]
+    assert spacings == [1.5, 0.75]
+    replayed = Session.from_json(doc, Recorder(), volume, cache=EmbeddingCache())
+    np.testing.assert_array_equal(replayed.labels, session.labels)
+    np.testing.assert_array_equal(replayed.mask, session.mask)
+    assert replayed.object_spacing == 0.75
+    # a file written before the fine grid: its clicks were decoded on the coarse grid
+    coarse = _session(volume)
+    coarse.add_point((160, 20, 20))
+    old = json.loads(coarse.prompts_to_json())
+    del old["settings"]["fine_spacing"]
+    for obj in old["objects"]:
+        for click in obj["clicks"]:
+            del click["spacing"]
+    replayed = Session.from_json(old, Recorder(), volume, cache=EmbeddingCache())
+    np.testing.assert_array_equal(replayed.mask, coarse.mask)
+    assert replayed.object_spacing == 1.5
+
+
+def test_fine_spacing_must_be_finer_than_spacing():
+    with pytest.raises(InputError, match="fine_spacing"):
+        SessionSettings(fine_spacing=1.5)
+    with pytest.raises(InputError, match="fine_spacing"):
+        SessionSettings(fine_spacing=0)
+    volume, _ = _balls()
+    session = Session(Recorder(), volume, cache=EmbeddingCache())
+    with pytest.raises(SessionError, match="fine_spacing"):
+        session.settings = session.settings.replace(fine_spacing=None)
+
+
+def test_reaches_border_counts_only_faces_inside_the_volume():
+    low = np.full((32, 32, 32), -1.0, np.float32)
+    low[10:20, 10:20, 10:20] = 1.0
+    assert not zoom.reaches_border(low)
+    low[0, 15, 15] = 1.0
+    assert zoom.reaches_border(low)
+    inner = [(False, True), (True, True), (True, True)]  # the low x face is the volume's edge
+    assert not zoom.reaches_border(low, inner)
+    low[15, 15, 31] = 1.0
+    assert zoom.reaches_border(low, inner)
 
 
 def test_prompts_json_errors():

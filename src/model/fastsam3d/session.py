@@ -14,7 +14,7 @@ from collections import deque
 
 import numpy as np
 
-from . import growth, prompts
+from . import growth, prompts, zoom
 from .cache import DEFAULT_CACHE, EmbeddingCache
 from .errors import InputError, SessionError
 from .field import Box, LogitField, Patch, empty_box, intersect_box, union_box
@@ -29,6 +29,7 @@ from .state import (
     ObjectState,
     SessionSettings,
     Update,
+    ZoomOut,
     check_labels,
     check_point,
 )
@@ -74,14 +75,17 @@ class Session:
         self._settings = settings or SessionSettings()
         self._labels = check_labels(labels, volume.shape)
         self._mask = np.zeros(volume.shape, dtype=bool)
-        self._predictor = RoiPredictor(
-            model,
-            volume,
-            device,
-            DEFAULT_CACHE if cache is None else cache,
-            self._settings.spacing,
-            _resolve_clip(self._settings.intensity_clip, model),
+        fine = self._settings.fine_spacing
+        self._fine_spacing = (
+            fine if zoom.uses_fine_grid(volume.spacing, self._settings.spacing, fine) else None
         )
+        spacings = {self._settings.spacing, self._fine_spacing} - {None}
+        clip = _resolve_clip(self._settings.intensity_clip, model)
+        cache = DEFAULT_CACHE if cache is None else cache
+        self._predictors = {
+            s: RoiPredictor(model, volume, device, cache, s, clip) for s in sorted(spacings)
+        }
+        self._predictor = self._predictors[self._settings.spacing]
         self._grid = volume.model_grid(self._settings.spacing)
         self._committed: list[CommittedObject] = []
         self._object = self._new_object()
@@ -103,10 +107,11 @@ class Session:
 
     @settings.setter
     def settings(self, value: SessionSettings) -> None:
-        if value.spacing != self._settings.spacing or value.intensity_clip != (
-            self._settings.intensity_clip
-        ):
-            raise SessionError("spacing and intensity_clip are fixed per Session: create a new one")
+        fixed = ("spacing", "fine_spacing", "intensity_clip")
+        if any(getattr(value, name) != getattr(self._settings, name) for name in fixed):
+            raise SessionError(
+                "spacing, fine_spacing and intensity_clip are fixed per Session: create a new one"
+            )
         self._settings = value
 
     @property
@@ -133,8 +138,16 @@ class Session:
 
     @property
     def roi(self) -> Roi | None:
-        """The current object's ROI (origin on the resampled 1.5 mm grid), None before a click."""
+        """The current object's ROI (origin on the grid of :attr:`object_spacing`), None
+        before a click."""
         return self._object.roi
+
+    @property
+    def object_spacing(self) -> float:
+        """The grid (mm) the current object is on: ``settings.fine_spacing`` until its mask
+        reaches the fine ROI's border, then ``settings.spacing`` (always ``spacing`` when the
+        volume's voxels are not finer than it: :func:`fastsam3d.zoom.uses_fine_grid`)."""
+        return self._object.spacing
 
     @property
     def can_undo(self) -> bool:
@@ -166,8 +179,10 @@ class Session:
     def add_point_result(self, point, positive: bool = True) -> Update:
         """Like :meth:`add_point`, but return the changed box and the mask inside it."""
         source = check_point(point, self.volume.shape)
-        roi = self._choose_roi(self._grid.source_to_grid(source))
-        return self._apply(Click(tuple(float(v) for v in source), bool(positive), roi.origin))
+        spacing = self._object.spacing
+        roi = self._choose_roi(source, spacing)
+        click = Click(tuple(float(v) for v in source), bool(positive), roi.origin, spacing)
+        return self._apply(click)
 
     def undo(self) -> np.ndarray:
         """Take back the current object's last click; returns its mask (a copy).
@@ -184,10 +199,13 @@ class Session:
         if not obj.undo:
             raise SessionError("nothing to undo: the current object has no click (add_point first)")
         edit = obj.undo.pop()
-        edit.patch.undo(obj.field)
         obj.clicks.pop()
         obj.roi = edit.roi_before
         obj.redo.append(edit)
+        if edit.zoom_out is not None:
+            obj.field, obj.spacing = edit.zoom_out.field_before, edit.zoom_out.spacing_before
+            return self._refresh_all()
+        edit.patch.undo(obj.field)
         return self._refresh(edit.patch.box)
 
     def redo(self) -> np.ndarray:
@@ -205,10 +223,13 @@ class Session:
         if not obj.redo:
             raise SessionError("nothing to redo: undo() first (a new click clears the redo list)")
         edit = obj.redo.pop()
-        edit.patch.redo(obj.field)
         obj.clicks.append(edit.click)
         obj.roi = edit.roi_after
         obj.undo.append(edit)
+        if edit.zoom_out is not None:
+            obj.field, obj.spacing = edit.zoom_out.field_after, edit.zoom_out.spacing_after
+            return self._refresh_all()
+        edit.patch.redo(obj.field)
         return self._refresh(edit.patch.box)
 
     def reset(self) -> Update:
@@ -264,47 +285,127 @@ class Session:
     # ------------------------------------------------------------------ internals
 
     def _new_object(self) -> ObjectState:
-        return ObjectState(LogitField(self._grid.shape, self._predictor.roi_size))
+        spacing = self._fine_spacing or self._settings.spacing
+        return ObjectState(self._new_field(spacing), spacing)
 
-    def _choose_roi(self, point: np.ndarray) -> Roi:
+    def _new_field(self, spacing: float) -> LogitField:
+        return LogitField(self.volume.model_grid(spacing).shape, self._predictor.roi_size)
+
+    def _choose_roi(self, source: np.ndarray, spacing: float) -> Roi:
         s, size = self._settings, self._predictor.roi_size
-        current = self._object.roi
-        if current is not None and current.holds(point, s.border_margin, self._grid.shape):
+        grid = self.volume.model_grid(spacing)
+        point = grid.source_to_grid(source)
+        current = self._object.roi if self._object.spacing == spacing else None
+        if current is not None and current.holds(point, s.border_margin, grid.shape):
             return current
         if s.reuse_cached_rois:
-            candidates = [Roi(o, size) for o in self._predictor.cached_origins()]
+            candidates = [Roi(o, size) for o in self._predictors[spacing].cached_origins()]
+            field = self._object.field if self._object.spacing == spacing else None
             usable = [
                 r
                 for r in candidates
-                if r.holds(point, s.reuse_margin, self._grid.shape) and self._object.field.fits(r)
+                if r.holds(point, s.reuse_margin, grid.shape) and (field is None or field.fits(r))
             ]
             if usable:
                 return min(usable, key=lambda r: float(np.sum((r.centre - point) ** 2)))
         return centred_roi(point, size)
 
+    def _check_click(self, click: Click, field: LogitField, spacing: float) -> Roi:
+        roi = Roi(click.roi, self._predictor.roi_size)
+        point = self.volume.model_grid(spacing).source_to_grid(click.point)
+        if not field.fits(roi) or not roi.contains(point):
+            raise InputError(f"ROI {click.roi} does not hold the click {click.point}")
+        return roi
+
     def _apply(self, click: Click) -> Update:
         obj = self._object
-        roi = Roi(click.roi, self._predictor.roi_size)
-        if not obj.field.fits(roi) or not roi.contains(self._grid.source_to_grid(click.point)):
-            raise InputError(f"ROI {click.roi} does not hold the click {click.point}")
+        spacing = self._settings.spacing if click.spacing is None else click.spacing
+        if spacing != obj.spacing:  # a replayed click that moved its object to the coarse grid
+            return self._zoom_out(click, encoded=0)
+        roi = self._check_click(click, obj.field, spacing)
         obj.clicks.append(click)
         try:
             patch, iou, rois, encoded = self._segment(obj, roi)
         except BaseException:
             obj.clicks.pop()
             raise
-        obj.undo.append(Edit(click, patch, obj.roi, roi))
-        del obj.undo[: -self._settings.max_undo or None]
-        obj.redo.clear()
-        obj.roi = roi
+        if spacing != self._settings.spacing and self._outgrows(obj, roi):
+            patch.undo(obj.field)
+            obj.clicks.pop()
+            coarse = self._settings.spacing
+            roi = self._choose_roi(np.asarray(click.point), coarse)
+            moved = Click(click.point, click.positive, roi.origin, coarse)
+            return self._zoom_out(moved, encoded)
+        self._record(Edit(click, patch, obj.roi, roi))
         return self._refresh(patch.box, iou=iou, rois=rois, encoded=encoded)
 
+    def _record(self, edit: Edit) -> None:
+        obj = self._object
+        obj.undo.append(edit)
+        del obj.undo[: -self._settings.max_undo or None]
+        obj.redo.clear()
+        obj.roi = edit.roi_after
+
+    def _outgrows(self, obj: ObjectState, roi: Roi) -> bool:
+        """Whether the object's logits in ``roi`` reach a border of it inside the volume."""
+        shape = self.volume.model_grid(obj.spacing).shape
+        inner = [
+            (roi.origin[axis] > 0, roi.origin[axis] + roi.size < n) for axis, n in enumerate(shape)
+        ]
+        return zoom.reaches_border(obj.field.read(roi), inner)
+
+    def _zoom_out(self, click: Click, encoded: int) -> Update:
+        """Move the current object to the coarse grid: its clicks are decoded again there, in
+        order, as if it had been segmented on the coarse grid from its first click."""
+        obj = self._object
+        before = (obj.field, obj.spacing, obj.roi)
+        coarse = self._settings.spacing
+        field = self._new_field(coarse)
+        roi = self._check_click(click, field, coarse)
+        clicks = [*obj.clicks, click]
+        obj.field, obj.spacing = field, coarse
+        try:
+            for count in range(1, len(clicks) + 1):
+                obj.clicks = clicks[:count]
+                _, iou, rois, ran = self._segment(obj, roi)
+                encoded += ran
+        except BaseException:
+            obj.clicks = clicks[:-1]
+            obj.field, obj.spacing, obj.roi = before
+            raise
+        change = ZoomOut(before[0], before[1], field, coarse)
+        self._record(Edit(click, Patch(), before[2], roi, change))
+        logger.info("object moved to the %g mm grid: it reached the fine ROI's border", coarse)
+        return self._refresh_all(iou=iou, rois=rois, encoded=encoded)
+
+    def _refresh_all(self, **info) -> Update:
+        """Re-render the current object after its logit field was replaced."""
+        obj = self._object
+        grid = self.volume.model_grid(obj.spacing)
+        everything = tuple(slice(0, n) for n in obj.field.logits.shape)
+        positive = obj.field.positive_cells(everything)
+        render = obj.field.source_box(positive, grid) if positive else None
+        stale = obj.touched
+        if stale is not None:
+            self._mask[stale] = False
+        if render is not None:
+            self._mask[render] = obj.field.render(grid, render)
+        obj.touched = union_box(stale, render)
+        box = union_box(stale, render)
+        if box is None:
+            self.last_update = Update(**info)
+        else:
+            self.last_update = Update(box, self._mask[box].copy(), **info)
+        return self.last_update
+
     def _segment(self, obj: ObjectState, roi: Roi):
-        """Decode the clicked ROI, then the neighbours the object continues into."""
+        """Decode the clicked ROI, then the neighbours the object continues into (on the
+        coarse grid only: an object that outgrows a fine ROI moves to the coarse grid)."""
         patch, decoded, encoded, iou = Patch(), [], 0, None
         queue: deque[Roi] = deque([roi])
+        extra = self._settings.max_extra_rois if obj.spacing == self._settings.spacing else 0
         try:
-            while queue and len(decoded) <= self._settings.max_extra_rois:
+            while queue and len(decoded) <= extra:
                 current = queue.popleft()
                 if any(d.origin == current.origin for d in decoded) or not obj.field.fits(current):
                     continue
@@ -319,14 +420,14 @@ class Session:
                 iou = score if iou is None else iou
                 decoded.append(current)
                 encoded += int(ran)
-                queue.extend(self._continuations(current, low, owned, decoded))
+                queue.extend(self._continuations(obj, current, low, owned, decoded))
         except BaseException:
             patch.undo(obj.field)
             raise
         return patch, iou, tuple(d.origin for d in decoded), encoded
 
-    def _continuations(self, roi: Roi, low, owned, decoded) -> list[Roi]:
-        if self._settings.max_extra_rois <= 0:
+    def _continuations(self, obj: ObjectState, roi: Roi, low, owned, decoded) -> list[Roi]:
+        if self._settings.max_extra_rois <= 0 or obj.spacing != self._settings.spacing:
             return []
         overlap = self._settings.roi_overlap
         return growth.next_rois(roi, low, owned, self._grid.shape, overlap, decoded)
@@ -341,14 +442,16 @@ class Session:
             points, labels = points + [seed], labels + [1]
         if not points:
             return None
-        return self._predictor.decode(roi, np.stack(points), np.asarray(labels), previous)
+        predictor = self._predictors[obj.spacing]
+        return predictor.decode(roi, np.stack(points), np.asarray(labels), previous)
 
     def _prompts(self, obj: ObjectState, roi: Roi) -> tuple[list[np.ndarray], list[int]]:
         """Model coordinates and labels of the clicks fed to the decoder for ``roi``."""
         clicks = obj.clicks[-1:] if self._settings.point_policy == "newest" else obj.clicks
+        grid = self.volume.model_grid(obj.spacing)
         points, labels = [], []
         for click in clicks:
-            grid_point = self._grid.source_to_grid(click.point)
+            grid_point = grid.source_to_grid(click.point)
             if roi.contains(grid_point):
                 points.append(np.clip(roi.to_model(grid_point), 0, roi.size - 1))
                 labels.append(int(click.positive))
@@ -360,7 +463,8 @@ class Session:
         Only voxels near positive logits can be in the mask, and only voxels rendered before
         (``touched``) can leave it, so the work is bounded by the object, not the ROI.
         """
-        obj, grid = self._object, self._grid
+        obj = self._object
+        grid = self.volume.model_grid(obj.spacing)
         changed = None if cells is None else obj.field.source_box(cells, grid)
         positive = None if cells is None else obj.field.positive_cells(cells)
         render = intersect_box(obj.field.source_box(positive, grid), changed) if positive else None

@@ -11,6 +11,7 @@ from .errors import InputError
 from .field import Box, LogitField, Patch, empty_box
 from .geometry import MODEL_SPACING
 from .roi import Roi
+from .zoom import FINE_SPACING
 
 POINT_POLICIES = ("newest", "all")
 
@@ -41,6 +42,12 @@ class SessionSettings:
         intensity_clip: clip intensities to (low, high) before normalisation, None for no
             clipping, or "model" to use the model configuration's ``intensity_clip``.
         spacing: model grid spacing in mm (the training value is 1.5).
+        fine_spacing: a new object starts on a grid of this spacing (a 128^3 ROI then spans
+            96 mm at 0.75 mm and the logits come every 3 mm instead of 6, so thin and small
+            structures keep their shape); as soon as its mask reaches that ROI's border it
+            moves to ``spacing`` for good (:mod:`fastsam3d.zoom`). None: every object on
+            ``spacing``; also when the volume's voxels are not finer than ``spacing``
+            (:func:`fastsam3d.zoom.uses_fine_grid`). Measured in docs/RESULTS.md.
         max_undo: undo levels kept per object.
     """
 
@@ -53,6 +60,7 @@ class SessionSettings:
     overwrite_committed: bool = False
     intensity_clip: tuple[float, float] | None | str = "model"
     spacing: float = MODEL_SPACING
+    fine_spacing: float | None = FINE_SPACING
     max_undo: int = 100
 
     def __post_init__(self) -> None:
@@ -69,6 +77,11 @@ class SessionSettings:
             )
         if not self.spacing > 0:
             raise InputError(f"spacing must be positive, got {self.spacing}")
+        if self.fine_spacing is not None and not 0 < self.fine_spacing < self.spacing:
+            raise InputError(
+                f"fine_spacing must be None or between 0 and spacing ({self.spacing}), "
+                f"got {self.fine_spacing}"
+            )
         clip = self.intensity_clip
         if clip != "model" and clip is not None:
             if len(clip) != 2 or not float(clip[0]) < float(clip[1]):
@@ -97,23 +110,32 @@ class Click:
     Attributes:
         point: voxel coordinates (i, j, k) into ``volume.array``.
         positive: True adds to the object, False removes.
-        roi: origin of the ROI that was decoded for this click (resampled-grid voxels).
+        roi: origin of the ROI that was decoded for this click (voxels of the grid of
+            ``spacing``).
+        spacing: the grid (mm) the object was on after this click; None: the session's
+            ``spacing`` (prompt files written before the fine grid existed).
     """
 
     point: tuple[float, float, float]
     positive: bool
     roi: tuple[int, int, int]
+    spacing: float | None = None
 
     def to_dict(self) -> dict:
         point = [int(v) if float(v).is_integer() else float(v) for v in self.point]
-        return {"point": point, "positive": self.positive, "roi": list(self.roi)}
+        data = {"point": point, "positive": self.positive, "roi": list(self.roi)}
+        if self.spacing is not None:
+            data["spacing"] = self.spacing
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Click:
+        spacing = data.get("spacing")
         return cls(
             tuple(float(v) for v in data["point"]),
             bool(data.get("positive", True)),
             tuple(int(v) for v in data["roi"]),
+            None if spacing is None else float(spacing),
         )
 
 
@@ -125,6 +147,17 @@ class Edit:
     patch: Patch
     roi_before: Roi | None
     roi_after: Roi
+    zoom_out: ZoomOut | None = None
+
+
+@dataclass
+class ZoomOut:
+    """An edit that moved the object to the coarse grid: both logit fields and spacings."""
+
+    field_before: LogitField
+    spacing_before: float
+    field_after: LogitField
+    spacing_after: float
 
 
 @dataclass
@@ -132,6 +165,7 @@ class ObjectState:
     """The object being segmented: its clicks, logits, current ROI and history."""
 
     field: LogitField
+    spacing: float
     clicks: list[Click] = field(default_factory=list)
     roi: Roi | None = None
     undo: list[Edit] = field(default_factory=list)
