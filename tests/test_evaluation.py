@@ -178,3 +178,57 @@ def test_litemedsam_baseline_writes_the_usual_report(dataset, tmp_path, monkeypa
     for result in report["results"]:
         assert len(result["dice"]) == 3 and all(0 <= d <= 1 for d in result["dice"])
     assert set(report["summary"]) == {"structures", "mean_dice_per_click", "mean_max_dice"}
+
+
+class _ViewModel:
+    """Encodes the view as is; decodes "view > 0.5" at the low-res stride (no prompts used)."""
+
+    mask_threshold = 0.0
+    device = torch.device("cpu")
+    config = argparse.Namespace(name="view")
+
+    def __init__(self) -> None:
+        self.views, self.decoded_points = [], []
+
+    def eval(self):
+        return self
+
+    def encode(self, x):
+        self.views.append(tuple(x.shape))
+        return x
+
+    def decode(self, embedding, points, labels, mask_input=None, return_mask=True):
+        self.decoded_points.append(points.shape[1])
+        return torch.nn.functional.avg_pool3d(embedding, 4) - 0.5, None, None
+
+
+def _ball(radius: float) -> torch.Tensor:
+    grid = torch.stack(torch.meshgrid(*[torch.arange(128.0)] * 3, indexing="ij"))
+    return (((grid - 63.5) ** 2).sum(0).sqrt() < radius).float()
+
+
+def test_fine_spacing_keeps_small_structures_fine_and_zooms_out_for_large_ones():
+    small, large = _ball(12), _ball(40)
+    model = _ViewModel()
+    segmenter = E.SamSegmenter(model, newest_only=False, fine_spacing=0.75)
+    segmenter.start(small, small)
+    mask = segmenter.predict([[64, 64, 64]], [1])
+    assert model.views == [(1, 1, 128, 128, 128)] and segmenter.side == 64
+    assert E.dice_score(mask.numpy(), small.bool().numpy()) > 0.95
+    # too large for the 64^3 fine view: back to the whole crop, both clicks decoded again
+    segmenter.start(large, large)
+    model.decoded_points.clear()
+    segmenter.predict([[64, 64, 64], [70, 64, 64]], [1, 1])
+    assert len(model.views) == 3 and segmenter.side == 128
+    assert model.decoded_points == [2, 1, 2]
+    plain = E.SamSegmenter(_ViewModel(), newest_only=False)
+    plain.start(large, large)
+    expected = plain.predict([[64, 64, 64], [70, 64, 64]], [1, 1])
+    assert torch.equal(segmenter.predict([[64, 64, 64], [70, 64, 64]], [1, 1]), expected)
+
+
+def test_fine_spacing_is_refused_for_baselines_and_out_of_range():
+    with pytest.raises(E.InputError, match="fine-spacing"):
+        E.build_segmenter("random-walker", "cvpr25", "cpu", fine_spacing=0.75)
+    with pytest.raises(E.InputError, match="fine_spacing"):
+        E.SamSegmenter(_ViewModel(), newest_only=True, fine_spacing=1.5)

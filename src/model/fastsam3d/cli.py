@@ -101,6 +101,12 @@ def _add_segment(sub) -> None:
         metavar="N",
         help="neighbouring ROIs one click may add for large objects (default 8, 0: one ROI)",
     )
+    p.add_argument(
+        "--no-fine-grid",
+        action="store_true",
+        help="segment every object on the 1.5 mm grid (default: start on 0.75 mm and move to "
+        "1.5 mm when the object outgrows the fine ROI)",
+    )
     p.add_argument("--save-prompts", metavar="FILE.json", help="also write the prompts as JSON")
     p.set_defaults(func=_run_segment)
 
@@ -109,14 +115,16 @@ def _run_segment(args) -> int:
     from .geometry import Volume
     from .nifti import check_output_path, save_labels
     from .predictor import resolve_device
-    from .session import Session
+    from .session import Session, SessionSettings
 
     check_output_path(args.output, args.image)
     if not args.point and not args.prompts:
         raise InputError("nothing to segment: give at least one --point I,J,K or --prompts FILE")
     volume = Volume.from_file(args.image)
     device = resolve_device(args.device)
-    session = Session(_load_model(args.model, device, args.precision), volume, device)
+    settings = SessionSettings(fine_spacing=None) if args.no_fine_grid else None
+    model = _load_model(args.model, device, args.precision)
+    session = Session(model, volume, device, settings=settings)
     if args.prompts:
         session.from_json(args.prompts)
     overrides = {"point_policy": args.point_policy, "max_extra_rois": args.max_extra_rois}

