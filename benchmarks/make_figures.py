@@ -95,11 +95,18 @@ def plot_example_masks(args, out: Path) -> Path:
     """Axial slices through structures: ground truth and masks after each shown click count."""
     from fastsam3d.checkpoints import load_model
     from fastsam3d.data import find_cases, preprocess_case
-    from fastsam3d.evaluation import SamSegmenter, crop_box, evaluate_structure, extract
+    from fastsam3d.evaluation import (
+        SamSegmenter,
+        crop_box,
+        evaluate_structure,
+        extract,
+        source_voxel_mm,
+    )
 
     model = load_model(args.model, progress=False)
-    segmenter = SamSegmenter(model, newest_only=False)
+    segmenter = SamSegmenter(model, newest_only=False, fine_spacing=args.fine_spacing)
     case = find_cases(args.labels, args.images)[0]
+    segmenter.source_voxel_mm = source_voxel_mm(case)
     arrays = preprocess_case(case)
     labels, ids, image = arrays["labels"], list(arrays["ids"]), arrays["image"]
     shown = [int(s) for s in args.structures.split(",")]
@@ -125,7 +132,8 @@ def plot_example_masks(args, out: Path) -> Path:
             title = f"label {value}, {count} click(s): Dice {dices[count - 1]:.2f}"
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.suptitle("green: reference label, red: model mask (cvpr25 clicks)", fontsize=9)
+    zoom = ", fine-to-coarse zoom" if args.fine_spacing else ""
+    fig.suptitle(f"green: reference label, red: model mask (cvpr25 clicks{zoom})", fontsize=9)
     return save(fig, out / "example_masks.png", dpi=110)
 
 
@@ -144,6 +152,9 @@ def main() -> None:
     parser.add_argument("--labels")
     parser.add_argument("--structures", default="1")
     parser.add_argument("--show-clicks", default="1,3,5")
+    parser.add_argument(
+        "--fine-spacing", type=float, help="example masks with the session's zoom (0.75)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

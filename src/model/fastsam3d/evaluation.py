@@ -183,6 +183,11 @@ def _volume_dice(preds, full_gt, start, stop) -> list[float]:
     return out
 
 
+def source_voxel_mm(case) -> np.ndarray:
+    """Voxel sizes (mm) of a case's image as stored (the session's fine-grid rule reads them)."""
+    return voxel_sizes(nib.load(str(case.image)).affine)
+
+
 def evaluate_case(segmenter, case, options, case_index: int, clip=None) -> list[dict]:
     """Results of every structure of one case (see :func:`evaluate`)."""
     arrays = preprocess_case(case)
@@ -190,7 +195,7 @@ def evaluate_case(segmenter, case, options, case_index: int, clip=None) -> list[
         raise InputError(f"case {case.name} has no image: pass --images")
     labels, ids, image = arrays["labels"], arrays["ids"], arrays["image"]
     if hasattr(segmenter, "source_voxel_mm"):
-        segmenter.source_voxel_mm = voxel_sizes(nib.load(str(case.image)).affine)
+        segmenter.source_voxel_mm = source_voxel_mm(case)
     results = []
     for compact, value in enumerate(ids):
         if compact == 0 or (options.structures and int(value) not in options.structures):
