@@ -168,6 +168,11 @@ def test_per_roi_sampling_equals_crop_of_resampled_volume():
     direct = grid.sample_region(array, start, size)
     np.testing.assert_allclose(from_full, direct, atol=1e-5)
     assert np.all(from_full[:12] == 0) and np.all(from_full[:, :, :40] == 0)
+    # whole=False (the session's fine grid) samples the box alone and keeps nothing
+    other = Volume(array, affine)
+    np.testing.assert_array_equal(other.model_region(start, size, whole=False), direct)
+    other.model_region(start, size, 0.75, whole=False)
+    assert not other._resampled
 
 
 @pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16, np.int64, np.float16, np.float64])

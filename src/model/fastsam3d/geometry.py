@@ -360,10 +360,16 @@ class Volume:
                 self._resampled[spacing] = out
             return self._resampled[spacing]
 
-    def model_region(self, start, shape, spacing: float = MODEL_SPACING) -> np.ndarray:
-        """A box of the resampled grid (zero outside it), float32; reuses :meth:`resampled`."""
+    def model_region(
+        self, start, shape, spacing: float = MODEL_SPACING, whole: bool = True
+    ) -> np.ndarray:
+        """A box of the resampled grid (zero outside it), float32.
+
+        ``whole`` reuses :meth:`resampled` (the whole volume resampled once, when not huge);
+        False samples only the box, for grids that serve only a few boxes.
+        """
         grid = self.model_grid(spacing)
-        full = self.resampled(spacing)
+        full = self.resampled(spacing) if whole else None
         if full is None:
             return grid.sample_region(self._array, start, shape)
         return crop_padded(full, start, shape)

@@ -83,10 +83,22 @@ class RoiPredictor:
         cache: where embeddings are kept.
         spacing: model grid spacing (mm).
         clip: intensity clipping before normalisation, or None.
+        whole_volume: resample the whole volume once and crop ROIs from it (False: sample each
+            ROI on its own, for a grid that serves only a few ROIs).
     """
 
-    def __init__(self, model, volume: Volume, device, cache: EmbeddingCache, spacing, clip):
+    def __init__(
+        self,
+        model,
+        volume: Volume,
+        device,
+        cache: EmbeddingCache,
+        spacing,
+        clip,
+        whole_volume: bool = True,
+    ):
         self.model, self.volume, self.cache = model, volume, cache
+        self.whole_volume = whole_volume
         self.device = resolve_device(device)
         current = _model_device(model)
         if current is not None and current != self.device:
@@ -118,7 +130,8 @@ class RoiPredictor:
 
     def model_input(self, roi: Roi) -> np.ndarray:
         """The normalised crop (x, y, z) the encoder sees, float32 ``size^3``."""
-        crop = self.volume.model_region(roi.origin, (roi.size,) * 3, self.spacing)
+        shape = (roi.size,) * 3
+        crop = self.volume.model_region(roi.origin, shape, self.spacing, self.whole_volume)
         return normalise(crop, self.clip)
 
     def embedding(self, roi: Roi) -> tuple[torch.Tensor, bool]:

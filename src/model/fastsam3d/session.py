@@ -82,8 +82,10 @@ class Session:
         spacings = {self._settings.spacing, self._fine_spacing} - {None}
         clip = _resolve_clip(self._settings.intensity_clip, model)
         cache = DEFAULT_CACHE if cache is None else cache
+        # the fine grid serves one or two ROIs per object: no whole-volume resampling for it
         self._predictors = {
-            s: RoiPredictor(model, volume, device, cache, s, clip) for s in sorted(spacings)
+            s: RoiPredictor(model, volume, device, cache, s, clip, s == self._settings.spacing)
+            for s in sorted(spacings)
         }
         self._predictor = self._predictors[self._settings.spacing]
         self._grid = volume.model_grid(self._settings.spacing)
