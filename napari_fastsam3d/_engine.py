@@ -38,6 +38,7 @@ class Change:
     prompts: tuple[Prompt, ...]
     voxels: int
     cache: CacheInfo
+    grid_mm: float | None = None
 
 
 def _key(prompts) -> list[tuple]:
@@ -310,6 +311,7 @@ class Engine:
             prompts=tuple(self._prompts),
             voxels=self._voxels(),
             cache=CacheInfo(len(DEFAULT_CACHE), self._last_hit),
+            grid_mm=self.session.object_spacing,
         )
 
 

@@ -77,6 +77,7 @@ class MaskUpdate:
     engine_ms: float
     resync: bool = False
     cache: CacheInfo | None = None
+    grid_mm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class PluginState:
     model_name: str | None = None
     device: str = "not loaded"
     cache: CacheInfo | None = None
+    grid_mm: float | None = None
     last_latency_ms: float | None = None
     last_engine_ms: float | None = None
     negative_mode: bool = False
@@ -151,7 +153,8 @@ class PluginState:
         return self.sent_seq
 
     def status_line(self) -> str:
-        """One line for the widget: device, model, cache state and the last click's latency."""
+        """One line for the widget: device, model, cache state, the current object's grid
+        (0.75 mm until it outgrows the fine ROI) and the last click's latency."""
         model = self.model_name or "no model"
         if self.cache is None:
             cache = "cache empty"
@@ -163,4 +166,5 @@ class PluginState:
             if self.last_latency_ms is None
             else f"last click {self.last_latency_ms:.0f} ms"
         )
-        return f"{self.device} · {model} · {cache} · {latency}"
+        grid = "" if self.grid_mm is None else f" · object on the {self.grid_mm:g} mm grid"
+        return f"{self.device} · {model} · {cache}{grid} · {latency}"

@@ -314,6 +314,7 @@ class FastSAM3DWidget(Panel):
             self.state.last_engine_ms = message.engine_ms
             self.state.shown_seq = message.seq
         self.state.cache = message.cache or self.state.cache
+        self.state.grid_mm = message.grid_mm or self.state.grid_mm
         self.current_voxels = message.voxels
         self._refresh_table()
         self.refresh_status()
@@ -327,6 +328,7 @@ class FastSAM3DWidget(Panel):
         _layers.paste_box(self.labels_layer, message.box, block)
         self.state.objects[message.object_id] = ObjectRecord(message.object_id, message.voxels)
         self.state.current_id = message.next_id
+        self.state.grid_mm = None  # the next object's grid is known after its first click
         self.labels_layer.selected_label = message.next_id
         self.current_voxels = 0
         with self._sync():

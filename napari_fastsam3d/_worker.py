@@ -223,6 +223,7 @@ class ModelWorker:
             engine_ms=(time.perf_counter() - start) * 1e3,
             resync=resync,
             cache=change.cache,
+            grid_mm=change.grid_mm,
         )
 
     def _resync_after_failure(self, task: _Task | DecodeRequest) -> None:

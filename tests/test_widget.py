@@ -87,6 +87,7 @@ def test_click_gives_mask_at_the_clicked_place(qtbot, blob_viewer, stand_in):
     assert labels[2, 2, 2] == 0 and labels[38, 34, 22] == 0
     assert set(np.unique(labels)) == {0, 1}
     assert "last click" in widget.status_label.text() and "cpu" in widget.status_label.text()
+    assert "mm grid" in widget.status_label.text()
 
 
 def test_mouse_clicks_positive_and_ctrl_negative(qtbot, blob_viewer, stand_in):
