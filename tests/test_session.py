@@ -20,6 +20,7 @@ from fastsam3d.predictor import resolve_device
 from fastsam3d.roi import tile_origins
 from fastsam3d.session import SessionSettings
 from fastsam3d.stand_in import ThresholdModel
+from fastsam3d.state import Click
 
 DATA = Path(__file__).parent / "data"
 
@@ -399,6 +400,15 @@ def test_prompts_json_replays_the_zoom_out_and_old_files():
     replayed = Session.from_json(old, Recorder(), volume, cache=EmbeddingCache())
     np.testing.assert_array_equal(replayed.mask, coarse.mask)
     assert replayed.object_spacing == 1.5
+    # a fine click for a session that keeps this volume on the coarse grid is refused
+    no_fine = Session(
+        Recorder(), volume, cache=EmbeddingCache(), settings=SessionSettings(fine_spacing=None)
+    )
+    coarse_click, fine_click = (Click.from_dict(o["clicks"][0]) for o in doc["objects"])
+    no_fine._apply(coarse_click)
+    with pytest.raises(InputError, match="0.75 mm grid"):
+        no_fine._apply(fine_click)
+    assert no_fine.clicks == (coarse_click,) and no_fine.object_spacing == 1.5
 
 
 def test_fine_spacing_must_be_finer_than_spacing():

@@ -322,8 +322,14 @@ class Session:
     def _apply(self, click: Click) -> Update:
         obj = self._object
         spacing = self._settings.spacing if click.spacing is None else click.spacing
-        if spacing != obj.spacing:  # a replayed click that moved its object to the coarse grid
-            return self._zoom_out(click, encoded=0)
+        if spacing != obj.spacing:
+            if spacing != self._settings.spacing:
+                raise InputError(
+                    f"the click at {click.point} was decoded on a {spacing:g} mm grid that this "
+                    f"session does not use for it (the object is on {obj.spacing:g} mm): the "
+                    "prompts were made with other settings or for another volume"
+                )
+            return self._zoom_out(click, encoded=0)  # a replayed click that moved its object
         roi = self._check_click(click, obj.field, spacing)
         obj.clicks.append(click)
         try:
@@ -392,8 +398,7 @@ class Session:
             self._mask[stale] = False
         if render is not None:
             self._mask[render] = obj.field.render(grid, render)
-        obj.touched = union_box(stale, render)
-        box = union_box(stale, render)
+        obj.touched = box = union_box(stale, render)
         if box is None:
             self.last_update = Update(**info)
         else:
