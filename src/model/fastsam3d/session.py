@@ -263,7 +263,9 @@ class Session:
     def precompute(
         self, progress: ProgressCallback | None = None, background: bool = True
     ) -> PrecomputeJob:
-        """Encode the ROIs that tile the whole volume, so later clicks only decode.
+        """Encode the ROIs that tile the whole volume on the coarse grid, so that later clicks
+        there only decode (objects that start on the fine grid, ``settings.fine_spacing``, still
+        encode their fine ROI at their first click; tiling the fine grid would take 8x the ROIs).
 
         Args:
             progress: called as ``progress(done, total)`` after each ROI (from the worker
