@@ -33,7 +33,7 @@ from . import zoom
 from .clicks import PROTOCOLS, protocol_click
 from .data import find_cases, normalize_intensity, preprocess_case
 from .errors import InputError
-from .geometry import voxel_sizes
+from .geometry import MODEL_SPACING, voxel_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +85,19 @@ class SamSegmenter:
         self.model = model.eval()
         self.newest_only = newest_only
         self.name = getattr(model.config, "name", "model")
-        self.fine_spacing = fine_spacing
-        self.fine_side = None if fine_spacing is None else round(CROP * fine_spacing / 1.5)
+        self.fine_spacing, self.fine_side = fine_spacing, None
         self.source_voxel_mm = (1.0, 1.0, 1.0)  # set per case by :func:`evaluate_case`
-        if self.fine_side is not None and not 0 < self.fine_side < CROP:
-            raise InputError(f"fine_spacing must be between 0 and 1.5 mm, got {fine_spacing}")
+        if fine_spacing is not None:
+            self.fine_side = round(CROP * fine_spacing / MODEL_SPACING)
+            if not 0 < self.fine_side < CROP:
+                raise InputError(f"fine_spacing must be between 0 and 1.5 mm, got {fine_spacing}")
 
     @torch.inference_mode()
     def start(self, raw: torch.Tensor, normalised: torch.Tensor) -> None:
         """Embed the normalised crop (X, Y, Z) (its fine view first, if the case's voxels
         allow: :func:`fastsam3d.zoom.uses_fine_grid`); forget the logits."""
         self.normalised = normalised
-        fine = zoom.uses_fine_grid(self.source_voxel_mm, 1.5, self.fine_spacing)
+        fine = zoom.uses_fine_grid(self.source_voxel_mm, MODEL_SPACING, self.fine_spacing)
         self._view(self.fine_side if fine else CROP)
 
     def _view(self, side: int) -> None:
