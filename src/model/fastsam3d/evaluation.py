@@ -130,6 +130,8 @@ class SamSegmenter:
             self._view(CROP)
             for count in range(1, len(points) + 1):
                 self.low_res = self._decode(points[:count], labels[:count])
+        if self.side == CROP and hasattr(self.model, "threshold_logits"):
+            return self.model.threshold_logits(self.low_res)[0, 0].cpu()  # the model's own path
         up = F.interpolate(self.low_res, size=(self.side,) * 3, mode="trilinear")
         mask = torch.zeros((CROP,) * 3, dtype=torch.bool)
         threshold = getattr(self.model, "mask_threshold", 0.0)
