@@ -17,7 +17,9 @@ from fastsam3d.training_runtime import (
     Budget,
     Runtime,
     cosine_lr,
+    leave_process_group,
     load_resume_state,
+    reports,
     resolve_config,
     setup_runtime,
 )
@@ -178,9 +180,13 @@ def test_ddp_path_with_world_size_one(dataset, tmp_path, monkeypatch):
         final = training.train(options(dataset, tmp_path, steps=1, freeze_encoder=True))
         assert dist.is_initialized() and dist.get_backend() == "gloo"
         assert setup_runtime().distributed
+        assert reports("wrote it") == "wrote it"  # rank 0 reports for the job
+        monkeypatch.setattr(dist, "get_rank", lambda: 1)
+        assert reports("wrote it") == ""  # the other ranks print nothing
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()  # what setup_runtime registered to run at exit
+    assert not dist.is_initialized()
+    leave_process_group()  # a second call (e.g. at exit after the test's) is a no-op
     assert final.is_file()
 
 

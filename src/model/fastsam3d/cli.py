@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
         if isinstance(result, str):  # subcommands in other modules return their report
-            print(result)
+            if result:
+                print(result)
             return 0
         return int(result or 0)
     except (FastSAM3DError, OSError) as err:

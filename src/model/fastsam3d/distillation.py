@@ -52,6 +52,7 @@ from .training_runtime import (
     RunOptions,
     latest_name,
     load_resume_state,
+    reports,
     resolve_config,
     run_loop,
     save_model,
@@ -385,5 +386,5 @@ def run(args: argparse.Namespace) -> str:
     names = DistillOptions.__dataclass_fields__
     final = distill(DistillOptions(**{k: v for k, v in vars(args).items() if k in names}))
     if final is None:
-        return "stopped early (--stop-after-minutes): rerun with --resume"
-    return f"wrote {final}"
+        return reports("stopped early (--stop-after-minutes): rerun with --resume")
+    return reports(f"wrote {final}")

@@ -41,6 +41,7 @@ from .training_runtime import (
     RunOptions,
     Runtime,
     load_resume_state,
+    reports,
     resolve_config,
     run_loop,
     save_model,
@@ -403,4 +404,4 @@ def run(args: argparse.Namespace) -> str:
         return "\n".join(str(path) for path in seed_files(args.data, args.cache))
     names = TrainOptions.__dataclass_fields__
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
-    return f"wrote {train(options)}"
+    return reports(f"wrote {train(options)}")

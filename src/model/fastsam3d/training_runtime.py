@@ -12,6 +12,7 @@ random-generator states and the loop counters, so ``--resume`` continues where i
 from __future__ import annotations
 
 import ast
+import atexit
 import dataclasses
 import json
 import logging
@@ -75,6 +76,7 @@ def setup_runtime(device: str | None = None, amp: str = "auto") -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(leave_process_group)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
     if amp == "auto":
         amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
@@ -83,6 +85,19 @@ def setup_runtime(device: str | None = None, amp: str = "auto") -> Runtime:
     else:
         raise InputError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
     return Runtime(dev, rank, world, amp_dtype)
+
+
+def leave_process_group() -> None:
+    """Leave the torchrun process group, if one is joined (at exit: NCCL warns otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reports(text: str) -> str:
+    """``text`` on the process that reports for a run (rank 0, or no process group), else ""
+    (the other ranks of a torchrun job print nothing)."""
+    joined = dist.is_available() and dist.is_initialized()
+    return text if not joined or dist.get_rank() == 0 else ""
 
 
 def seed_everything(seed: int, runtime: Runtime) -> torch.Generator:
