@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps, cpu")
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="image encoder precision: fp32 (exact, default), bf16, int8 (CPU); see the README",
+    )
+    parser.add_argument(
         "--demo-clicks",
         action="store_true",
         help="click scripted points (one object each), committing in between",
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     image = _open_image(viewer, args.image)
     from ._widget import FastSAM3DWidget
 
-    widget = FastSAM3DWidget(viewer, model=args.model, device=args.device)
+    widget = FastSAM3DWidget(viewer, model=args.model, device=args.device, precision=args.precision)
     viewer.window.add_dock_widget(widget, name="FastSAM3D", area="right")
     _show_axial(viewer, image)
     if not (args.demo_clicks or args.screenshot):

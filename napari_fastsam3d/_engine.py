@@ -95,14 +95,23 @@ class Engine:
             found.append("mps")
         return (*found, "cpu")
 
-    def load(self, source: Any, device: str) -> tuple[str, str, float]:
+    def load(self, source: Any, device: str, precision: str = "fp32") -> tuple[str, str, float]:
         """Load a model (registry name, path, or an ``nn.Module``), move it, warm it up.
+
+        ``precision`` is the image encoder's ("fp32" exact; "bf16", "int8" on a CPU: faster,
+        see ``fastsam3d.modeling.sam3d.ENCODER_PRECISIONS``); a model without a fast path
+        (the stand-in) ignores it. A model that cannot be prepared leaves the previous one
+        in place.
 
         Returns:
             (display name, device used, warm-up milliseconds).
         """
+        from fastsam3d.errors import InputError
+        from fastsam3d.modeling.sam3d import ENCODER_PRECISIONS
         from fastsam3d.predictor import resolve_device
 
+        if precision not in ENCODER_PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}; choose {list(ENCODER_PRECISIONS)}")
         used = resolve_device(device)
         if source == STAND_IN:
             from fastsam3d.stand_in import ThresholdModel
@@ -112,11 +121,14 @@ class Engine:
             model, name = source, getattr(getattr(source, "config", None), "name", "custom")
         else:
             model, name = self._load_weights(str(source), used), _display_name(str(source))
+        model = model.to(used)
+        if hasattr(model, "prepare_inference"):  # the fast path for this device
+            try:
+                model = model.prepare_inference(dtype=ENCODER_PRECISIONS[precision])
+            except ValueError as err:  # e.g. int8 asked for on a GPU
+                raise InputError(f"{precision} encoder on {used}: {err}") from None
         self._detach_hooks()
         self.session = None  # a session belongs to one model: the GUI opens a new one
-        model = model.to(used)
-        if hasattr(model, "prepare_inference"):  # fastest in-tolerance path for this device
-            model = model.prepare_inference()
         self.model, self.model_name, self.device = model, name, str(used)
         warmup_ms = self._warm_up()
         if used.type != "cuda":  # CUDA encodes in milliseconds (and replays captured graphs)

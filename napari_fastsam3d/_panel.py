@@ -34,6 +34,17 @@ MODEL_CHOICES = (
     ("Stand-in: threshold, no weights (demo)", "stand-in"),
 )
 AUTO = "auto"
+PRECISION_CHOICES = (
+    ("fp32 (exact)", "fp32"),
+    ("bf16 (faster on GPUs and CPUs with bf16 units)", "bf16"),
+    ("int8 (CPU only, faster)", "int8"),
+)
+PRECISION_HELP = (
+    "Precision of the image encoder, which runs once per 128³ region; clicks always decode in "
+    "fp32. With the bundled model, every held-out CT mask stayed within Dice 0.99 of fp32 on a "
+    "CPU for bf16 and int8 (bf16 on a GPU: 144 of 145); check other weights before relying on "
+    "them."
+)
 
 
 class Panel(QWidget):
@@ -50,6 +61,10 @@ class Panel(QWidget):
         self.browse_button = QPushButton("Browse…")
         self.device_combo = QComboBox()
         self.device_combo.addItem("auto (cuda > mps > cpu)", AUTO)
+        self.precision_combo = QComboBox()
+        for text, precision in PRECISION_CHOICES:
+            self.precision_combo.addItem(text, precision)
+        self.precision_combo.setToolTip(PRECISION_HELP)
         self.load_button = QPushButton("Load model")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -78,6 +93,7 @@ class Panel(QWidget):
         path_row.addWidget(self.browse_button)
         form.addRow("", path_row)
         form.addRow("device", self.device_combo)
+        form.addRow("encoder", self.precision_combo)
         load_row = QHBoxLayout()
         load_row.addWidget(self.load_button)
         load_row.addWidget(self.cancel_button)
@@ -121,6 +137,9 @@ class Panel(QWidget):
     def device_choice(self) -> str:
         return self.device_combo.currentData() or AUTO
 
+    def precision_choice(self) -> str:
+        return self.precision_combo.currentData() or "fp32"
+
     def set_devices(self, devices: tuple[str, ...]) -> None:
         current = self.device_choice()
         while self.device_combo.count() > 1:
@@ -157,7 +176,7 @@ class Panel(QWidget):
         if not source:
             self.set_status("type or browse a weights file first")
             return
-        self.load_model(source, self.device_choice())
+        self.load_model(source, self.device_choice(), self.precision_choice())
 
     def _on_export_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(

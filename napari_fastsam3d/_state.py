@@ -36,11 +36,12 @@ class CacheInfo:
 
 @dataclass(frozen=True)
 class ModelReady:
-    """A model was loaded on ``device`` and warmed up."""
+    """A model was loaded on ``device`` with its encoder in ``precision`` and warmed up."""
 
     name: str
     device: str
     warmup_ms: float
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

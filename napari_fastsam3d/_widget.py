@@ -48,9 +48,12 @@ class FastSAM3DWidget(Panel):
         model: what to load at start: a registry name, a path, a ``Sam3D``-like module, "" for
             nothing; default ``$NAPARI_FASTSAM3D_MODEL`` or the bundled default.
         device: "auto" (cuda > mps > cpu), "cuda", "mps" or "cpu".
+        precision: the image encoder's, "fp32" (exact), "bf16" or "int8" (CPU).
     """
 
-    def __init__(self, napari_viewer: Any, model: Any = None, device: str = "auto") -> None:
+    def __init__(
+        self, napari_viewer: Any, model: Any = None, device: str = "auto", precision: str = "fp32"
+    ) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.state = PluginState()
@@ -71,7 +74,8 @@ class FastSAM3DWidget(Panel):
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.connect(self._refresh_images)
         self._refresh_images()
-        self._autoload(model, device)
+        self.precision_combo.setCurrentIndex(max(self.precision_combo.findData(precision), 0))
+        self._autoload(model, device, precision)
 
     def close_worker(self) -> None:
         """Stop the model thread (also done when the widget is destroyed)."""
@@ -83,13 +87,18 @@ class FastSAM3DWidget(Panel):
 
     # ------------------------------------------------------------ public actions
 
-    def load_model(self, source: Any, device: str | None = None) -> None:
-        """Load a model on the model thread (registry name, file path or module)."""
+    def load_model(
+        self, source: Any, device: str | None = None, precision: str | None = None
+    ) -> None:
+        """Load a model on the model thread (registry name, file path or module); ``device``
+        and the encoder ``precision`` default to the panel's choices."""
         self.state.model_name, self._session_ready, self.model_error = None, False, None
         label = source if isinstance(source, str) else type(source).__name__
         self.set_status(f"loading model {label} …")
         self.show_model_source(source)
-        self.worker.load_model(source, device or self.device_choice())
+        self.worker.load_model(
+            source, device or self.device_choice(), precision or self.precision_choice()
+        )
 
     def set_image(self, layer: Image) -> None:
         """Segment this image layer (3D); makes the prompts and labels layers for it."""
@@ -279,9 +288,12 @@ class FastSAM3DWidget(Panel):
         self.set_devices(message.devices)
 
     def _on_ModelReady(self, message: ModelReady) -> None:
-        self.state.model_name, self.state.device = message.name, message.device
+        device = message.device
+        if message.precision != "fp32":
+            device = f"{device}, {message.precision} encoder"
+        self.state.model_name, self.state.device = message.name, device
         show_info(
-            f"FastSAM3D: model {message.name} ready on {message.device} "
+            f"FastSAM3D: model {message.name} ready on {device} "
             f"(warm-up {message.warmup_ms:.0f} ms)"
         )
         self._open_session()
@@ -394,10 +406,10 @@ class FastSAM3DWidget(Panel):
     def refresh_status(self) -> None:
         self.set_status(self.state.status_line())
 
-    def _autoload(self, model: Any, device: str) -> None:
+    def _autoload(self, model: Any, device: str, precision: str) -> None:
         if model is None:
             model = os.environ.get(ENV_MODEL, DEFAULT_MODEL)
         if isinstance(model, str) and model.strip().lower() in ("", "none"):
             self.set_status("no model loaded: choose one above")
             return
-        self.load_model(model, device)
+        self.load_model(model, device, precision)

@@ -73,9 +73,10 @@ class ModelWorker:
 
     # ------------------------------------------------------------ GUI-thread API
 
-    def load_model(self, source: str, device: str) -> None:
-        """Load weights (registry name or path) on ``device`` ("auto", "cpu", "cuda", ...)."""
-        self._post(_Task("load_model", (source, device)))
+    def load_model(self, source: str, device: str, precision: str = "fp32") -> None:
+        """Load weights (registry name or path) on ``device`` ("auto", "cpu", "cuda", ...)
+        with the image encoder in ``precision`` ("fp32", "bf16", "int8")."""
+        self._post(_Task("load_model", (source, device, precision)))
 
     def set_volume(self, array: Any, affine: Any, key: str, labels: Any = None) -> None:
         """Start a session on a volume (array in stored voxel order, affine voxel -> mm).
@@ -181,9 +182,9 @@ class ModelWorker:
     def _do_find_devices(self) -> None:
         self._send(DevicesFound(self.engine.devices()))
 
-    def _do_load_model(self, source: str, device: str) -> None:
-        name, used, warmup_ms = self.engine.load(source, device)
-        self._send(ModelReady(name, used, warmup_ms))
+    def _do_load_model(self, source: str, device: str, precision: str) -> None:
+        name, used, warmup_ms = self.engine.load(source, device, precision)
+        self._send(ModelReady(name, used, warmup_ms, precision))
 
     def _do_set_volume(self, array: Any, affine: Any, key: str, labels: Any) -> None:
         self.engine.open(array, affine, labels)

@@ -283,3 +283,9 @@ def test_a_precision_the_device_cannot_run_is_a_user_error(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert "--precision int8" in err and "CPU path" in err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_precision_choices_are_the_encoder_precisions():
+    from fastsam3d.modeling.sam3d import ENCODER_PRECISIONS
+
+    assert cli.PRECISIONS == tuple(ENCODER_PRECISIONS)

@@ -183,12 +183,13 @@ def test_local_file_model_through_the_panel(qtbot, blob_viewer, tiny_weights):
     assert not widget.path_edit.isHidden()
     widget.path_edit.setText(str(tiny_weights))
     widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.precision_combo.setCurrentIndex(widget.precision_combo.findData("int8"))
     widget.load_button.click()
     qtbot.waitUntil(lambda: widget._session_ready, timeout=TIMEOUT)
     click(blob_viewer, widget, (20, 18, 12))
     qtbot.waitUntil(lambda: widget.state.shown_seq == 1, timeout=TIMEOUT)
     status = widget.status_label.text()
-    assert "tiny" in status and "cpu" in status and "last click" in status
+    assert "tiny" in status and "cpu, int8 encoder" in status and "last click" in status
 
 
 def test_shortcuts_avoid_napari_keys_and_work(qtbot, blob_viewer):

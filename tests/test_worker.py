@@ -225,6 +225,34 @@ def test_encoding_can_be_cancelled(tiny_weights):
     worker.shutdown()
 
 
+def test_encoder_precision_is_applied_and_a_refused_one_keeps_the_model(tiny_weights):
+    from fastsam3d.modeling.quantized import Int8Linear
+    from fastsam3d.stand_in import ThresholdModel
+
+    class GpuOnlyPrecision(ThresholdModel):
+        def prepare_inference(self, dtype=None):
+            raise ValueError("dtype=torch.int8 is a CPU path; use bfloat16 on GPUs")
+
+    inbox = Inbox()
+    worker = ModelWorker(inbox)
+    worker.load_model(str(tiny_weights), "cpu", "int8")
+    assert inbox.next(ModelReady).precision == "int8"
+    model = worker.engine.model
+    assert any(isinstance(m, Int8Linear) for m in model.image_encoder.modules())
+    worker.set_volume(blob_volume(), oblique_affine(), "blob")
+    inbox.next(VolumeReady)
+    worker.decode(request(1))
+    assert inbox.next(MaskUpdate, where=lambda m: m.seq == 1).prompts[0].index == CENTRE
+    for source, precision, reason in (
+        (str(tiny_weights), "fp16", "unknown precision 'fp16'"),
+        (GpuOnlyPrecision(), "int8", "int8 encoder on cpu: dtype=torch.int8 is a CPU path"),
+    ):
+        worker.load_model(source, "cpu", precision)
+        assert reason in inbox.next(Failure).message
+        assert worker.engine.model is model and worker.engine.session is not None
+    worker.shutdown()
+
+
 def test_shutdown_stops_the_thread():
     worker = ModelWorker(Inbox())
     worker.shutdown()

@@ -48,20 +48,18 @@ def parse_point(text: str) -> tuple[tuple[float, float, float], bool]:
     return tuple(float(match.group(i)) for i in (1, 2, 3)), sign in ("+", "pos", "positive")
 
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")  # the keys of ``modeling.sam3d.ENCODER_PRECISIONS``
 
 
 def _load_model(source: str, device, precision: str = "fp32"):
     """The model prepared for inference with its encoder in ``precision`` (see
     :meth:`Sam3D.prepare_inference`: fp32 is exact; bf16 and int8 are faster opt-ins)."""
-    import torch
-
     from .checkpoints import load_model
+    from .modeling.sam3d import ENCODER_PRECISIONS
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[precision]
     model = load_model(source, device=device)
     try:
-        return model.prepare_inference(dtype=dtype)
+        return model.prepare_inference(dtype=ENCODER_PRECISIONS[precision])
     except ValueError as err:  # e.g. int8 asked for on a GPU
         raise InputError(f"--precision {precision}: {err}") from None
 

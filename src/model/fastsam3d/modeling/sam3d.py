@@ -17,6 +17,10 @@ from .quantized import quantize_int8
 if TYPE_CHECKING:
     from .configs import ModelConfig
 
+ENCODER_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+"""The image encoder's precisions by name, as ``dtype`` of :meth:`Sam3D.prepare_inference`:
+fp32 is exact, bf16 and int8 (CPU) are faster opt-ins."""
+
 
 class Sam3D(nn.Module):
     """Image encoder + prompt encoder + mask decoder in the official state-dict layout.
