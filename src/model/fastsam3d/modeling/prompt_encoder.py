@@ -26,7 +26,8 @@ class PositionEmbeddingRandom3D(nn.Module):
         """(..., 3) in [0, 1] -> (..., 3 * num_pos_feats) as [sin, cos, sin]."""
         matrix = self.positional_encoding_gaussian_matrix
         t = 2 * math.pi * ((2 * coords.to(matrix.dtype) - 1) @ matrix)
-        return torch.cat([torch.sin(t), torch.cos(t), torch.sin(t)], dim=-1)
+        sin = torch.sin(t)
+        return torch.cat([sin, torch.cos(t), sin], dim=-1)
 
     def dense(self, size: tuple[int, int, int]) -> torch.Tensor:
         """Encoding of a grid, (3 * num_pos_feats, X, Y, Z), with the official axis swap."""
