@@ -390,22 +390,8 @@ class Session:
 
     def _refresh_all(self, **info) -> Update:
         """Re-render the current object after its logit field was replaced."""
-        obj = self._object
-        grid = self.volume.model_grid(obj.spacing)
-        everything = tuple(slice(0, n) for n in obj.field.logits.shape)
-        positive = obj.field.positive_cells(everything)
-        render = obj.field.source_box(positive, grid) if positive else None
-        stale = obj.touched
-        if stale is not None:
-            self._mask[stale] = False
-        if render is not None:
-            self._mask[render] = obj.field.render(grid, render)
-        obj.touched = box = union_box(stale, render)
-        if box is None:
-            self.last_update = Update(**info)
-        else:
-            self.last_update = Update(box, self._mask[box].copy(), **info)
-        return self.last_update
+        everything = tuple(slice(0, n) for n in self._object.field.logits.shape)
+        return self._refresh(everything, **info)
 
     def _segment(self, obj: ObjectState, roi: Roi):
         """Decode the clicked ROI, then the neighbours the object continues into (on the
