@@ -95,8 +95,9 @@ class Sam3D(nn.Module):
 
         The encoder runs in ``dtype`` (default fp32 on every device; ``torch.bfloat16`` is
         opt-in: 3.4x (batch 1) to 6.8x (batch 64) faster on an H200, about 2x on a CPU with
-        bf16 units; with the bundled weights two of 145 held-out CT masks fell to Dice 0.986
-        against the fp32 masks, below the 0.99 the fast paths are held to) with fused
+        bf16 units; whether its masks stay within the Dice 0.99 the fast paths are held to
+        depends on the weights: earlier bundled weights put two of 145 held-out CT masks at
+        0.986, the current ones none on a CPU and one on an H200, docs/RESULTS.md) with fused
         attention (SDPA, the teacher's padded windows folded exactly) and its convolutions as
         matrix products; the prompt encoder and decoder stay fp32; on CUDA both are replayed
         from CUDA graphs. An unprepared model is the exact fp32 reference every fast path is
