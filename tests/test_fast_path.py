@@ -5,9 +5,11 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_modeling import DATA, student_config
 
 from fastsam3d.benchmark import format_table, run_benchmarks
+from fastsam3d.modeling.common import MLPBlock
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.modeling.fast_path import GraphCache
 from fastsam3d.modeling.quantized import (
@@ -64,6 +66,40 @@ def test_decode_without_mask_and_batch_prompts():
             emb, points, torch.ones(2, 1, dtype=torch.int64), return_mask=False
         )
     assert mask is None and low.shape == (2, 1, 32, 32, 32) and iou.shape == (2, 1)
+
+
+def test_fused_gelu_mlp_is_the_tanh_gelu_within_its_bound():
+    torch.manual_seed(0)
+    block = MLPBlock(16, 64).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        exact = block(x)
+        block.fused_gelu = True
+        fused = block(x)
+        by_hand = block.lin2(F.gelu(block.lin1(x), approximate="tanh"))
+    torch.testing.assert_close(fused, by_hand)
+    bound = 5e-4 * block.lin2.weight.abs().sum(1)  # |gelu_tanh - gelu| <= 4.8e-4
+    assert ((fused - exact).abs() <= bound).all()
+    assert not torch.equal(fused, exact)
+
+
+def test_gelu_fusion_only_for_reduced_precision_cuda_encoders():
+    _, bf16_cpu = tiny_pair(torch.bfloat16)
+    assert not any(m.fused_gelu for m in bf16_cpu.modules() if isinstance(m, MLPBlock))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_bf16_encoder_fuses_gelu_and_matches_reference():
+    reference, _ = tiny_pair(torch.float32)
+    reference = reference.cuda()
+    fast = copy.deepcopy(reference).prepare_inference(dtype=torch.bfloat16)
+    fused = [m.fused_gelu for m in fast.image_encoder.modules() if isinstance(m, MLPBlock)]
+    assert fused and all(fused)
+    assert not fast.mask_decoder.transformer.layers[0].mlp.fused_gelu  # ReLU stays exact
+    x = torch.randn(1, 1, 128, 128, 128, device="cuda")
+    with torch.inference_mode():
+        e_ref, e_fast = reference.encode(x), fast.encode(x)
+    assert (e_fast - e_ref).abs().max() <= 3e-2 * e_ref.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..sampling import nonzero_box
 from .attention import RelPosAttention3D
+from .common import MLPBlock
 from .fast_path import GraphCache
 from .quantized import quantize_int8
 
@@ -97,11 +98,13 @@ class Sam3D(nn.Module):
         opt-in: 3.4x (batch 1) to 6.8x (batch 64) faster on an H200, about 2x on a CPU with
         bf16 units; whether its masks stay within the Dice 0.99 the fast paths are held to
         depends on the weights: earlier bundled weights put two of 145 held-out CT masks at
-        0.986, the current ones none on a CPU and one on an H200, docs/RESULTS.md) with fused
-        attention (SDPA, the teacher's padded windows folded exactly) and its convolutions as
-        matrix products; the prompt encoder and decoder stay fp32; on CUDA both are replayed
-        from CUDA graphs. An unprepared model is the exact fp32 reference every fast path is
-        compared with. Call after ``.to()``.
+        0.986, the current ones none on a CPU and none or one on an H200, docs/RESULTS.md) with
+        fused attention (SDPA, the teacher's padded windows folded exactly) and its
+        convolutions as matrix products; in bf16 / fp16 on CUDA each MLP's first product also
+        applies its GELU in the product's epilogue (:class:`.common.MLPBlock`). The prompt
+        encoder and decoder stay fp32; on CUDA both are replayed from CUDA graphs. An
+        unprepared model is the exact fp32 reference every fast path is compared with. Call
+        after ``.to()``.
         ``compile_mode`` (opt-in, e.g. "default" or "max-autotune-no-cudagraphs") also runs
         encoder and decoder through ``torch.compile`` (seconds to a minute of compilation per
         input shape; worth it for batch work, not for one interactive volume).
@@ -129,9 +132,12 @@ class Sam3D(nn.Module):
         self.image_encoder.patch_embed.as_gemm = True
         self.mask_decoder.upscale_as_gemm = True
         self.prompt_encoder.downscale_as_gemm = True
+        reduced = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         for module in self.image_encoder.modules():
             if isinstance(module, RelPosAttention3D) and module.backend == "math":
                 module.backend = attention
+            if isinstance(module, MLPBlock) and isinstance(module.act, nn.GELU):
+                module.fused_gelu = reduced
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.sparse_threshold = not graphs and compile_mode is None
         if compile_mode is not None:
