@@ -11,6 +11,11 @@ from fastsam3d.modeling.configs import CONFIGS, ModelConfig, build_model, infer_
 
 DATA = Path(__file__).parent / "data"
 RTOL = 1e-4  # max abs error <= RTOL * max abs reference value (fixture README)
+# The fixture's random-weight decoder amplifies rounding about 1e5-fold (attention logits near
+# 50), so its two decoder tests hold to RTOL only where the fp32 sums come out as they did for
+# the fixture: on this project's CI machine type they are bit-identical, while one CPU thread
+# instead of two moves the low-res logits by 0.018 (of 1.08) and an Intel Xeon host with torch
+# 2.11 by 0.015. The encoder tests hold to RTOL on both.
 MAX_MASK_VOXELS_OFF = 10
 
 
