@@ -9,6 +9,7 @@ from fastsam3d.modeling.attention import (
     RelPosAttention3D,
     decomposed_rel_pos_bias,
     rel_pos_bias_product,
+    rel_pos_projections,
     rel_pos_terms,
 )
 from fastsam3d.modeling.configs import ModelConfig, build_model
@@ -165,7 +166,21 @@ def test_bias_as_one_product_equals_the_broadcast_sum():
     terms = rel_pos_terms(q, *tables, 8)
     product = rel_pos_bias_product(*terms, 8)
     assert product.shape == (3, 512, 512)
-    assert torch.equal(product, decomposed_rel_pos_bias(q, *tables, 8))
+    assert torch.equal(product, sum(terms).reshape(3, 512, 512))
+
+
+def test_cpu_bias_from_one_projection_matches_the_official_terms():
+    """The CPU form: one product with the stacked tables, gathered per query coordinate."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 512, 16, dtype=torch.float64)
+    tables = [torch.randn(15, 16, dtype=torch.float64) for _ in range(3)]
+    terms = rel_pos_terms(q, *tables, 8)
+    for projected, term in zip(rel_pos_projections(q, *tables, 8), terms, strict=True):
+        assert projected.shape == term.shape
+        assert (projected - term).abs().max() <= 1e-12 * term.abs().max()
+    broadcast = sum(terms).reshape(3, 512, 512)
+    bias = decomposed_rel_pos_bias(q, *tables, 8)
+    assert (bias - broadcast).abs().max() <= 1e-12 * broadcast.abs().max()
 
 
 def test_flash_backend_through_prepare_inference_keeps_the_masks():

@@ -83,6 +83,33 @@ def rel_pos_terms(
     )
 
 
+def rel_pos_projections(
+    q: torch.Tensor,
+    rel_pos_d: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rel_pos_terms` (same shapes, equal up to fp32 summation order) from one product
+    of the queries with the three (2 * size - 1, C) tables, each term then gathered at the
+    query's own coordinate: on a CPU a third of the time of three einsums over expanded tables.
+    """
+    batch = q.shape[0]
+    tables = torch.cat([rel_pos_d, rel_pos_h, rel_pos_w]).to(q.dtype)
+    proj = (q @ tables.t()).view(batch, size, size, size, 3, 2 * size - 1)
+    coords = torch.arange(size, device=q.device)
+    row = coords[:, None] - coords[None, :] + size - 1  # [query coordinate, key] -> table row
+    full = (batch, size, size, size, size)
+    rel_d = proj[..., 0, :].gather(-1, row[:, None, None, :].expand(full))
+    rel_h = proj[..., 1, :].gather(-1, row[None, :, None, :].expand(full))
+    rel_w = proj[..., 2, :].gather(-1, row[None, None, :, :].expand(full))
+    return (
+        rel_d[:, :, :, :, None, None, :],
+        rel_h[:, :, :, None, :, None, :],
+        rel_w[:, :, :, None, None, :, :],
+    )
+
+
 def add_decomposed_rel_pos(
     logits: torch.Tensor, q: torch.Tensor, tables: tuple[torch.Tensor, ...], size: int
 ) -> torch.Tensor:
@@ -104,12 +131,13 @@ def decomposed_rel_pos_bias(
     """The official rel-pos bias alone, (B*, size**3, size**3), in the dtype of ``q``.
 
     On CUDA as :func:`rel_pos_bias_product` (a broadcast sum of 7-D views runs at a fraction
-    of the memory bandwidth there); on a CPU the broadcast sum is the faster.
+    of the memory bandwidth there); on a CPU the broadcast sum of
+    :func:`rel_pos_projections` is the faster.
     """
-    terms = rel_pos_terms(q, rel_pos_d, rel_pos_h, rel_pos_w, size)
+    tables = (rel_pos_d, rel_pos_h, rel_pos_w)
     if q.is_cuda:
-        return rel_pos_bias_product(*terms, size)
-    rel_d, rel_h, rel_w = terms
+        return rel_pos_bias_product(*rel_pos_terms(q, *tables, size), size)
+    rel_d, rel_h, rel_w = rel_pos_projections(q, *tables, size)
     return (rel_d + rel_h + rel_w).reshape(q.shape[0], q.shape[1], q.shape[1])
 
 
