@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_modeling import DATA, student_config
 
 from fastsam3d.benchmark import format_table, run_benchmarks
-from fastsam3d.modeling.common import MLPBlock
+from fastsam3d.modeling.common import FewRowsLinear, MLPBlock
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.modeling.fast_path import GraphCache
 from fastsam3d.modeling.quantized import (
@@ -66,6 +66,32 @@ def test_decode_without_mask_and_batch_prompts():
             emb, points, torch.ones(2, 1, dtype=torch.int64), return_mask=False
         )
     assert mask is None and low.shape == (2, 1, 32, 32, 32) and iou.shape == (2, 1)
+
+
+def test_few_rows_linear_equals_linear_and_keeps_the_keys():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 96)
+    few = copy.deepcopy(layer)
+    few.__class__ = FewRowsLinear
+    with torch.inference_mode():
+        for shape in ((1, 7, 48), (3, 48), (2, 100, 48)):  # the last: above max_rows
+            x = torch.randn(*shape)
+            torch.testing.assert_close(few(x), layer(x), rtol=1e-6, atol=1e-6)
+        no_bias = torch.nn.Linear(48, 96, bias=False)
+        plain = copy.deepcopy(no_bias)
+        no_bias.__class__ = FewRowsLinear
+        x = torch.randn(5, 48)
+        torch.testing.assert_close(no_bias(x), plain(x), rtol=1e-6, atol=1e-6)
+    assert few.state_dict().keys() == layer.state_dict().keys()
+
+
+def test_cpu_fast_path_switches_only_the_decoders_linear_layers():
+    reference, fast = tiny_pair(torch.float32)
+    switched = [type(m) is FewRowsLinear for m in fast.mask_decoder.modules()]
+    assert any(switched)
+    assert not any(type(m) is torch.nn.Linear for m in fast.mask_decoder.modules())
+    assert not any(isinstance(m, FewRowsLinear) for m in fast.image_encoder.modules())
+    assert fast.state_dict().keys() == reference.state_dict().keys()
 
 
 def test_fused_gelu_mlp_is_the_tanh_gelu_within_its_bound():

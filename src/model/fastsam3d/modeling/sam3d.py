@@ -11,7 +11,7 @@ from torch import nn
 
 from ..sampling import nonzero_box
 from .attention import RelPosAttention3D
-from .common import MLPBlock
+from .common import FewRowsLinear, MLPBlock
 from .fast_path import GraphCache
 from .quantized import quantize_int8
 
@@ -102,7 +102,8 @@ class Sam3D(nn.Module):
         fused attention (SDPA, the teacher's padded windows folded exactly) and its
         convolutions as matrix products; in bf16 / fp16 on CUDA each MLP's first product also
         applies its GELU in the product's epilogue (:class:`.common.MLPBlock`). The prompt
-        encoder and decoder stay fp32; on CUDA both are replayed from CUDA graphs. An
+        encoder and decoder stay fp32 (on a CPU the decoder's token layers as
+        :class:`.common.FewRowsLinear`); on CUDA both are replayed from CUDA graphs. An
         unprepared model is the exact fp32 reference every fast path is compared with. Call
         after ``.to()``.
         ``compile_mode`` (opt-in, e.g. "default" or "max-autotune-no-cudagraphs") also runs
@@ -138,6 +139,10 @@ class Sam3D(nn.Module):
                 module.backend = attention
             if isinstance(module, MLPBlock) and isinstance(module.act, nn.GELU):
                 module.fused_gelu = reduced
+        if device.type == "cpu":
+            for module in self.mask_decoder.modules():
+                if type(module) is nn.Linear:
+                    module.__class__ = FewRowsLinear
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.sparse_threshold = not graphs and compile_mode is None
         if compile_mode is not None:
