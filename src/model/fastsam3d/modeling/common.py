@@ -83,7 +83,7 @@ class MLPBlock(nn.Module):
 class FewRowsLinear(nn.Linear):
     """``nn.Linear`` that computes a few rows (the decoder's prompt tokens) on a CPU as
     ``W @ x^T``: MKL then streams the (out, in) weight once instead of packing it for a
-    product of few rows (the full-size decoder's click 6 % faster on 2 cores, its layers'
+    product of few rows (the full-size decode 7 % faster on 2 cores, its layers'
     weights being out of cache). Same parameters and state-dict keys; equal up to fp32
     summation order. ``Sam3D.prepare_inference`` switches the CPU decoder's layers to it.
     """
