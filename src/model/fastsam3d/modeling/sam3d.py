@@ -95,7 +95,7 @@ class Sam3D(nn.Module):
         """Switch this model to the fastest path that stays within tolerance on its device.
 
         The encoder runs in ``dtype`` (default fp32 on every device; ``torch.bfloat16`` is
-        opt-in: 3.4x (batch 1) to 6.8x (batch 64) faster on an H200, about 2x on a CPU with
+        opt-in: 3.5x (batch 1) to 8.0x (batch 64) faster on an H200, about 2x on a CPU with
         bf16 units; whether its masks stay within the Dice 0.99 the fast paths are held to
         depends on the weights: earlier bundled weights put two of 145 held-out CT masks at
         0.986, the current ones none on a CPU and none or one on an H200, docs/RESULTS.md) with
