@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsam3d.cli import PRECISIONS
+
 from ._engine import STAND_IN
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps, cpu")
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "int8"),
+        choices=PRECISIONS,
         default="fp32",
         help="image encoder precision: fp32 (exact, default), bf16, int8 (CPU); see the README",
     )

@@ -42,8 +42,8 @@ PRECISION_CHOICES = (
 PRECISION_HELP = (
     "Precision of the image encoder, which runs once per 128³ region; clicks always decode in "
     "fp32. With the bundled model, every held-out CT mask stayed within Dice 0.99 of fp32 on a "
-    "CPU for bf16 and int8 (bf16 on a GPU: 144 of 145); check other weights before relying on "
-    "them."
+    "CPU for bf16 and int8 (bf16 on a GPU: 144 or all 145 of 145, by run); check other weights "
+    "before relying on them."
 )
 
 
