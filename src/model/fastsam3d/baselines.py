@@ -4,9 +4,8 @@ Every segmenter has the interface of :class:`fastsam3d.evaluation.Segmenter`: ``
 once per structure with the raw and the normalised 128^3 crop, then ``predict(points, labels)``
 after every click, returning a bool mask of the crop.
 
-- :class:`RandomWalkerSegmenter`: Grady's random walker (2006), solved matrix-free by Jacobi-
-  preconditioned conjugate gradients in torch (GPU-fast, no extra dependency). Seeds: a small
-  ball around every click (its label) and the crop border (background).
+- :class:`RandomWalkerSegmenter`: Grady's random walker (2006, :mod:`fastsam3d.walker`). Seeds:
+  a small ball around every click (its label) and the crop border (background).
 - The 2D slice-wise SAM (LiteMedSAM) lives in :mod:`fastsam3d.slicewise`.
 """
 
@@ -15,76 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _edge_weights(image: torch.Tensor, beta: float) -> list[torch.Tensor]:
-    """exp(-beta * (dI)^2 / mean(dI^2)) between neighbours along each axis of (X, Y, Z)."""
-    diffs = [image.diff(dim=axis).square() for axis in range(3)]
-    scale = torch.cat([d.flatten() for d in diffs]).mean().clamp(min=1e-12)
-    return [torch.exp(-beta * d / scale) + 1e-6 for d in diffs]
-
-
-def _laplacian(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """Graph Laplacian times x: sum over neighbours j of w_ij (x_i - x_j)."""
-    out = torch.zeros_like(x)
-    for axis, w in enumerate(weights):
-        flux = w * x.diff(dim=axis)
-        n = x.shape[axis]
-        out.narrow(axis, 0, n - 1).sub_(flux)
-        out.narrow(axis, 1, n - 1).add_(flux)
-    return out
-
-
-def _degree(weights: list[torch.Tensor], shape) -> torch.Tensor:
-    degree = torch.zeros(shape, device=weights[0].device)
-    for axis, w in enumerate(weights):
-        n = shape[axis]
-        degree.narrow(axis, 0, n - 1).add_(w)
-        degree.narrow(axis, 1, n - 1).add_(w)
-    return degree
-
-
-def random_walker(
-    image: torch.Tensor,
-    seeds: torch.Tensor,
-    beta: float = 90.0,
-    iterations: int = 300,
-    tol: float = 1e-4,
-) -> torch.Tensor:
-    """Probability that a random walker from each voxel first reaches a foreground seed.
-
-    Args:
-        image: (X, Y, Z) float intensities (normalised).
-        seeds: (X, Y, Z) int8: 1 foreground seed, 0 background seed, -1 unknown.
-        beta: edge sensitivity.
-        iterations: conjugate-gradient iterations at most.
-        tol: stop when the residual norm falls below ``tol`` times the initial one.
-
-    Returns:
-        (X, Y, Z) float probabilities in [0, 1] (seeds keep their value).
-    """
-    weights = _edge_weights(image.float(), beta)
-    unknown = (seeds < 0).float()
-    fixed = (seeds == 1).float()
-    rhs = -_laplacian(fixed, weights) * unknown
-    inverse_diag = unknown / _degree(weights, image.shape).clamp(min=1e-12)
-    x = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    z = residual * inverse_diag
-    direction = z.clone()
-    rz = (residual * z).sum()
-    start = residual.norm().clamp(min=1e-20)
-    for _ in range(iterations):
-        a_dir = _laplacian(direction, weights) * unknown
-        alpha = rz / (direction * a_dir).sum().clamp(min=1e-30)
-        x = x + alpha * direction
-        residual = residual - alpha * a_dir
-        if residual.norm() < tol * start:
-            break
-        z = residual * inverse_diag
-        rz_new = (residual * z).sum()
-        direction = z + (rz_new / rz) * direction
-        rz = rz_new
-    return (x * unknown + fixed).clamp(0, 1)
+from .walker import random_walker
 
 
 class RandomWalkerSegmenter:

@@ -1,0 +1,110 @@
+"""The random walker with a prior (fastsam3d.walker) and the mask refinement (fastsam3d.refine)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastsam3d.errors import InputError
+from fastsam3d.refine import RefineSettings, coarsening, refine_mask
+from fastsam3d.walker import random_walker
+
+
+def _ball(shape, centre, radius):
+    grid = torch.stack(
+        torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    )
+    return (grid - torch.tensor(centre, dtype=torch.float32)[:, None, None, None]).square().sum(
+        0
+    ).sqrt() - radius
+
+
+def _dice(a, b) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_a_strong_prior_is_returned_and_no_prior_is_the_plain_walker():
+    image = torch.rand(12, 12, 12)
+    prior = torch.rand(12, 12, 12)
+    seeds = torch.full((12, 12, 12), -1, dtype=torch.int8)
+    strong = random_walker(image, seeds, prior=prior, gamma=1e6, tol=1e-8)
+    assert torch.allclose(strong, prior, atol=1e-4)
+    seeds[0], seeds[-1] = 0, 1
+    plain = random_walker(image, seeds, tol=1e-8)
+    ignored = random_walker(image, seeds, prior=prior, gamma=0.0, tol=1e-8)
+    assert torch.equal(plain, ignored)
+    # linear potential between the two seeded faces on a uniform image
+    flat = random_walker(
+        torch.zeros(12, 4, 4), torch.where(seeds[:, :4, :4] >= 0, seeds[:, :4, :4], -1), tol=1e-10
+    )
+    assert torch.allclose(flat[:, 0, 0], torch.linspace(0, 1, 12), atol=1e-4)
+
+
+def test_refinement_moves_a_blurred_boundary_onto_the_image_edge():
+    """Logits of a ball 3 voxels too large with a soft edge (what 6 mm logits look like) snap
+    back to the bright ball in the image."""
+    shape, centre = (48, 48, 48), (24, 23, 25)
+    truth = _ball(shape, centre, 10) < 0
+    image = truth.float() * 100 + torch.randn(shape) * 3
+    logits = -_ball(shape, centre, 13) / 2
+    before = _dice(logits > 0, truth)
+    after = refine_mask(image, logits, [centre], [1])
+    assert before < 0.7 and _dice(after, truth) > 0.95
+
+
+def test_confident_logits_without_a_band_are_thresholded():
+    logits = torch.full((16, 16, 16), -20.0)
+    logits[4:10, 4:10, 4:10] = 20.0
+    out = refine_mask(torch.rand(16, 16, 16), logits, [(6, 6, 6)], [1])
+    assert torch.equal(out, logits > 0)
+
+
+def test_a_negative_click_is_a_background_seed():
+    shape = (32, 32, 32)
+    logits = -_ball(shape, (16, 16, 16), 8) / 4
+    image = torch.zeros(shape)
+    out = refine_mask(image, logits, [(16, 16, 16), (16, 16, 22)], [1, 0])
+    assert out[16, 16, 16] and not out[16, 16, 22]
+
+
+def test_large_boxes_are_solved_coarser_and_agree():
+    shape, centre = (64, 64, 40), (30, 33, 20)
+    truth = _ball(shape, centre, 12) < 0
+    image = truth.float() * 100
+    logits = -_ball(shape, centre, 14) / 2
+    spacing = (0.8, 0.8, 1.5)
+    full = refine_mask(image, logits, [centre], [1], spacing)
+    small = RefineSettings(max_voxels=20**3)
+    coarse = refine_mask(image, logits, [centre], [1], spacing, small)
+    assert _dice(full, truth) > 0.95 and _dice(coarse, full) > 0.9
+
+
+def test_coarsening_takes_the_finest_axes_first():
+    assert coarsening((40, 40, 40), (1.0, 1.0, 1.0), 128**3) == [1, 1, 1]
+    thin = coarsening((512, 512, 40), (0.7, 0.7, 5.0), 128**3)
+    assert thin[0] > 1 and thin[1] > 1 and thin[2] == 1
+    factors = coarsening((300, 200, 100), (1.0, 1.0, 1.0), 50**3)
+    assert np.prod([np.ceil(n / f) for n, f in zip((300, 200, 100), factors, strict=True)]) <= 50**3
+
+
+@pytest.mark.parametrize(
+    "bad", [{"beta": -1}, {"prior_weight": 0}, {"band": 0.5}, {"max_voxels": 0}]
+)
+def test_settings_are_checked(bad):
+    with pytest.raises(InputError):
+        RefineSettings(**bad)
+
+
+def test_shapes_must_match():
+    with pytest.raises(InputError, match="differ"):
+        refine_mask(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), [], [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_refinement_agrees_with_cpu():
+    shape, centre = (64, 64, 40), (30, 33, 20)
+    truth = _ball(shape, centre, 12) < 0
+    image = truth.float() * 100 + torch.randn(shape) * 3
+    logits = -_ball(shape, centre, 15) / 2
+    cpu = refine_mask(image, logits, [centre], [1], (0.8, 0.8, 1.5))
+    cuda = refine_mask(image.cuda(), logits.cuda(), [centre], [1], (0.8, 0.8, 1.5))
+    assert cuda.is_cuda and _dice(cuda.cpu(), cpu) > 0.99
