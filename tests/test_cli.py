@@ -170,6 +170,17 @@ def test_no_fine_grid_keeps_every_object_on_the_coarse_grid(ct, tmp_path, stand_
     assert saved[False]["settings"]["fine_spacing"] == 0.75
 
 
+def test_no_refine_is_saved_with_the_prompts(ct, tmp_path, stand_in):
+    saved = {}
+    for flag in ([], ["--no-refine"]):
+        prompts = tmp_path / f"p{len(flag)}.json"
+        argv = ["segment", str(ct), "--point", ",".join(map(str, RIB)), "-o"]
+        argv += [str(tmp_path / f"o{len(flag)}.nii.gz"), "--save-prompts", str(prompts), *flag]
+        assert cli.main(argv) == 0
+        saved[bool(flag)] = json.loads(prompts.read_text())["settings"]["refine"]
+    assert saved[True] is None and saved[False]["beta"] > 0
+
+
 def test_refuses_to_overwrite_the_input(ct, stand_in, capsys):
     digest = hashlib.sha256(ct.read_bytes()).hexdigest()
     assert cli.main(["segment", str(ct), "--point", "60,50,15", "-o", str(ct)]) == 2

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from fastsam3d import evaluation as E
-from fastsam3d.baselines import RandomWalkerSegmenter, random_walker
+from fastsam3d.baselines import RandomWalkerSegmenter
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.training_runtime import save_model
+from fastsam3d.walker import random_walker
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,23 @@ def test_cli_eval_writes_per_click_dice_for_every_structure(dataset, tmp_path, p
         assert len(result["dice"]) == 3 and all(0 <= d <= 1 for d in result["dice"])
         assert isinstance(result["case"], str) and isinstance(result["structure"], int)
     assert "| 1 click | 2 clicks | 3 clicks |" in (tmp_path / "out.md").read_text()
+
+
+def test_refined_eval_snaps_to_the_crop_edges(dataset, tmp_path):
+    """The tiny random model's masks are noise; refined, the bright box and ball come out."""
+    weights = tmp_path / "tiny.safetensors"
+    save_model(weights, build_model("tiny"))
+    means = {}
+    for refine in (False, True):
+        args = _args(dataset, tmp_path, weights, "cvpr25")
+        args.refine = refine
+        args.func(args)
+        report = json.loads((tmp_path / "out.json").read_text())
+        assert report["refine"] is refine
+        means[refine] = report["summary"]["mean_max_dice"]
+    assert means[True] > means[False]
+    with pytest.raises(E.InputError, match="--refine"):
+        E.build_segmenter("random-walker", "cvpr25", "cpu", refine=True)
 
 
 def test_random_walker_baseline_on_the_same_clicks_scores_well(dataset, tmp_path):

@@ -17,6 +17,7 @@ import fastsam3d
 from fastsam3d import InputError, Session, SessionError, Volume, zoom
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.predictor import resolve_device
+from fastsam3d.refine import RefineSettings
 from fastsam3d.roi import tile_origins
 from fastsam3d.session import SessionSettings
 from fastsam3d.stand_in import ThresholdModel
@@ -560,3 +561,40 @@ def test_real_ct_with_tiny_model():
     assert update.iou is not None and np.isfinite(update.iou)
     np.testing.assert_array_equal(update.mask, session.mask[update.box])
     assert session.undo().shape == volume.shape
+
+
+# ---------------------------------------------------------------- refinement
+
+
+class Dilated(Recorder):
+    """The stand-in with its logits raised: masks overshoot the ball by a few mm, softly."""
+
+    def decode(self, embedding, points, labels, mask_input=None, multimask_output=False):
+        low, iou, mask = super().decode(embedding, points, labels, mask_input, multimask_output)
+        return low / 2 + 2, iou, mask
+
+
+def test_refinement_snaps_an_overshooting_mask_to_the_image_edge():
+    volume, (truth,) = _balls(spacing=(1.0, 1.0, 2.0), balls=((34, 32, 30, 10),))
+    plain = _session(volume, Dilated(), refine=None).add_point((34, 32, 30))
+    refined_session = _session(volume, Dilated())
+    refined = refined_session.add_point((34, 32, 30))
+    assert _dice(plain, truth) < 0.8
+    assert _dice(refined, truth) > 0.9
+    update = refined_session.last_update
+    box_mask = np.zeros_like(refined)
+    box_mask[update.box] = True
+    assert not (refined & ~box_mask).any()  # the update box holds the whole object
+    assert refined_session.undo().sum() == 0
+    np.testing.assert_array_equal(refined_session.redo(), refined)
+
+
+def test_refine_settings_round_trip_and_old_files_replay_without_it():
+    settings = SessionSettings(refine=RefineSettings(beta=20.0))
+    assert SessionSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    assert SessionSettings.from_dict({"refine": None}).refine is None
+    old = SessionSettings().to_dict()
+    del old["refine"]
+    assert SessionSettings.from_dict(old).refine is None
+    with pytest.raises(InputError, match="refine"):
+        SessionSettings(refine={"beta": 1.0})

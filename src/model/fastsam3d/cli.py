@@ -105,6 +105,12 @@ def _add_segment(sub) -> None:
         help="segment every object on the 1.5 mm grid (default: start on 0.75 mm and move to "
         "1.5 mm when the object outgrows the fine ROI)",
     )
+    p.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="show the model's thresholded logits (default: snap each mask to image edges with "
+        "a random walker that takes the model's probability as prior)",
+    )
     p.add_argument("--save-prompts", metavar="FILE.json", help="also write the prompts as JSON")
     p.set_defaults(func=_run_segment)
 
@@ -127,6 +133,8 @@ def _run_segment(args) -> int:
         session.from_json(args.prompts)
     overrides = {"point_policy": args.point_policy, "max_extra_rois": args.max_extra_rois}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_refine:
+        overrides["refine"] = None
     session.settings = session.settings.replace(**overrides)
     for point, positive in args.point:
         session.add_point_result(point, positive)

@@ -34,10 +34,12 @@ from .clicks import PROTOCOLS, protocol_click
 from .data import find_cases, normalize_intensity, preprocess_case
 from .errors import InputError
 from .geometry import MODEL_SPACING, voxel_sizes
+from .refine import RefineSettings, refine_mask
 
 logger = logging.getLogger(__name__)
 
 CROP = 128
+OUTSIDE_LOGIT = -30.0  # logits of crop voxels outside the fine view
 
 
 def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -79,10 +81,19 @@ class SamSegmenter:
             resampled to this spacing (trilinear from the 1.5 mm crop, where a session resamples
             the original image) and moves to the whole 1.5 mm crop, its clicks decoded again
             in order, once its logits reach the fine view's border.
+        refine: snap each mask to the crop's edges (:func:`fastsam3d.refine.refine_mask`, on
+            the 1.5 mm crop); None keeps the thresholded logits.
     """
 
-    def __init__(self, model, newest_only: bool, fine_spacing: float | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        newest_only: bool,
+        fine_spacing: float | None = None,
+        refine: RefineSettings | None = None,
+    ) -> None:
         self.model = model.eval()
+        self.refine = refine
         self.newest_only = newest_only
         self.name = getattr(model.config, "name", "model")
         self.fine_spacing, self.fine_side = fine_spacing, None
@@ -130,13 +141,19 @@ class SamSegmenter:
             self._view(CROP)
             for count in range(1, len(points) + 1):
                 self.low_res = self._decode(points[:count], labels[:count])
+        if self.refine is not None:
+            logits = self._crop_logits()
+            return refine_mask(self.normalised, logits, points, labels, settings=self.refine)
         if self.side == CROP and hasattr(self.model, "threshold_logits"):
             return self.model.threshold_logits(self.low_res)[0, 0].cpu()  # the model's own path
-        up = F.interpolate(self.low_res, size=(self.side,) * 3, mode="trilinear")
-        mask = torch.zeros((CROP,) * 3, dtype=torch.bool)
-        threshold = getattr(self.model, "mask_threshold", 0.0)
-        mask[(slice(self.offset, self.offset + self.side),) * 3] = up[0, 0].cpu() > threshold
-        return mask
+        return self._crop_logits() > getattr(self.model, "mask_threshold", 0.0)
+
+    def _crop_logits(self) -> torch.Tensor:
+        """The logits upsampled to the crop's voxels (very negative outside the view)."""
+        up = F.interpolate(self.low_res.float(), size=(self.side,) * 3, mode="trilinear")
+        logits = torch.full((CROP,) * 3, OUTSIDE_LOGIT)
+        logits[(slice(self.offset, self.offset + self.side),) * 3] = up[0, 0].cpu()
+        return logits
 
 
 def evaluate_structure(segmenter, image, gt, clicks: int, protocol: str, rng, clip=None):
@@ -241,18 +258,20 @@ def build_segmenter(
     points: str | None = None,
     weights: str | None = None,
     fine_spacing: float | None = None,
+    refine: bool = False,
 ):
     """A baseline by name (:data:`BASELINES`) or a :class:`SamSegmenter` for weights.
 
     ``points`` "newest" or "all" chooses what the decoder sees per click; None follows the
     protocol (newest for ``fastsam3d``, all for ``cvpr25``). ``weights``: the file of a baseline
     that needs one (LiteMedSAM; default: found by :func:`fastsam3d.slicewise.find_weights`).
+    ``refine``: snap the SAM model's masks to image edges (:mod:`fastsam3d.refine`).
     """
     from .checkpoints import load_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model in BASELINES and fine_spacing is not None:
-        raise InputError("--fine-spacing applies to SAM models, not to the baselines")
+    if model in BASELINES and (fine_spacing is not None or refine):
+        raise InputError("--fine-spacing and --refine apply to SAM models, not to the baselines")
     if model == "random-walker":
         from .baselines import RandomWalkerSegmenter
 
@@ -266,7 +285,8 @@ def build_segmenter(
         return slicewise.LiteMedSamGtBoxSegmenter(lite)
     loaded = load_model(model, dev, progress=False)
     newest = protocol == "fastsam3d" if points is None else points == "newest"
-    return SamSegmenter(loaded, newest_only=newest, fine_spacing=fine_spacing)
+    settings = RefineSettings() if refine else None
+    return SamSegmenter(loaded, newest_only=newest, fine_spacing=fine_spacing, refine=settings)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -324,8 +344,9 @@ def evaluate(options: argparse.Namespace) -> dict:
     points = getattr(options, "points", None)
     weights = getattr(options, "weights", None)
     fine = getattr(options, "fine_spacing", None)
+    refine = bool(getattr(options, "refine", False))
     segmenter = build_segmenter(
-        options.model, options.protocol, options.device, points, weights, fine
+        options.model, options.protocol, options.device, points, weights, fine, refine
     )
     config = getattr(getattr(segmenter, "model", None), "config", None)
     clip = config.intensity_clip if config is not None else None
@@ -340,6 +361,7 @@ def evaluate(options: argparse.Namespace) -> dict:
         "clicks": options.clicks,
         "scoring": options.scoring,
         "fine_spacing": fine,
+        "refine": refine,
         "oracle": bool(getattr(segmenter, "oracle", False)),
         "results": results,
         "summary": summarise(results),
@@ -385,6 +407,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         help="evaluate the session's fine-to-coarse zoom (0.75 as in a session; default: off, "
         "the official 1.5 mm crop only)",
+    )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="snap each mask to image edges as a session does (random walker with the model's "
+        "probability as prior; default: off, the thresholded logits)",
     )
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")

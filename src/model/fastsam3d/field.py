@@ -132,9 +132,10 @@ class LogitField:
         self.logits[ring] = np.where(self.known[ring], self.logits[ring], padded)
         return Patch([[ring, *before]])
 
-    def positive_cells(self, cells: Box) -> Box | None:
-        """Bounding box of the known cells with logit > 0 inside ``cells`` (None if none)."""
-        box = nonzero_box((self.logits[cells] > 0) & self.known[cells])
+    def positive_cells(self, cells: Box, threshold: float = 0.0) -> Box | None:
+        """Bounding box of the known cells with logit > ``threshold`` inside ``cells`` (None
+        if none)."""
+        box = nonzero_box((self.logits[cells] > threshold) & self.known[cells])
         if box is None:
             return None
         return tuple(
@@ -165,15 +166,20 @@ class LogitField:
 
     def render(self, grid: ModelGrid, box: Box) -> np.ndarray:
         """The object's mask (bool) on a box of the source voxel grid."""
+        logits, known = self.sample(grid, box)
+        return (logits > 0) & known
+
+    def sample(self, grid: ModelGrid, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        """The logits (linear interpolation) and where they are known, on a source box."""
         shape = tuple(s.stop - s.start for s in box)
         if min(shape) <= 0:
-            return np.zeros(shape, dtype=bool)
+            return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=bool)
         start = np.array([s.start for s in box])
         matrix = self.source_to_lattice(grid)
         sub, matrix = self._sub_lattice(matrix, start, np.asarray(shape))
         logits = interpolate_axis_aligned(self.logits[sub], matrix, start, shape, order=1)
         known = interpolate_axis_aligned(self.known[sub], matrix, start, shape, order=0)
-        return (logits > 0) & known
+        return logits, known
 
     def _sub_lattice(self, matrix: np.ndarray, start: np.ndarray, shape: np.ndarray):
         """The lattice cells a source box reads, and the matrix re-based onto them."""

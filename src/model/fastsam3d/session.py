@@ -13,6 +13,7 @@ import logging
 from collections import deque
 
 import numpy as np
+import torch
 
 from . import growth, prompts, zoom
 from .cache import DEFAULT_CACHE, EmbeddingCache
@@ -21,6 +22,7 @@ from .field import Box, LogitField, Patch, empty_box, intersect_box, union_box
 from .geometry import Volume
 from .precompute import PrecomputeJob, ProgressCallback
 from .predictor import RoiPredictor
+from .refine import RefineSettings, refine_mask
 from .roi import Roi, centred_roi, tile_origins
 from .state import (
     Click,
@@ -80,7 +82,7 @@ class Session:
             fine if zoom.uses_fine_grid(volume.spacing, self._settings.spacing, fine) else None
         )
         spacings = {self._settings.spacing, self._fine_spacing} - {None}
-        clip = _resolve_clip(self._settings.intensity_clip, model)
+        clip = self._clip = _resolve_clip(self._settings.intensity_clip, model)
         cache = DEFAULT_CACHE if cache is None else cache
         # the fine grid serves one or two ROIs per object: no whole-volume resampling for it
         self._predictors = {
@@ -233,6 +235,13 @@ class Session:
             return self._refresh_all()
         edit.patch.redo(obj.field)
         return self._refresh(edit.patch.box)
+
+    def refresh(self) -> Update:
+        """Render the current object again, e.g. after ``settings.refine`` was changed."""
+        if not self._object.clicks:
+            self.last_update = Update()
+            return self.last_update
+        return self._refresh_all()
 
     def reset(self) -> Update:
         """Drop the current object (clicks, mask and its undo history); labels are kept."""
@@ -456,25 +465,67 @@ class Session:
         """Re-render the current object's mask where the lattice ``cells`` changed.
 
         Only voxels near positive logits can be in the mask, and only voxels rendered before
-        (``touched``) can leave it, so the work is bounded by the object, not the ROI.
+        (``touched``) can leave it, so the work is bounded by the object, not the ROI. With
+        ``settings.refine`` the whole object is rendered again: the walker's solution depends
+        on every click (:meth:`_refined`).
         """
         obj = self._object
         grid = self.volume.model_grid(obj.spacing)
-        changed = None if cells is None else obj.field.source_box(cells, grid)
-        positive = None if cells is None else obj.field.positive_cells(cells)
-        render = intersect_box(obj.field.source_box(positive, grid), changed) if positive else None
-        stale = intersect_box(obj.touched, changed)
+        refine = self._settings.refine
+        render = stale = None
+        if cells is not None and refine is not None:
+            everything = tuple(slice(0, n) for n in obj.field.logits.shape)
+            band = obj.field.positive_cells(
+                everything, float(np.log(refine.band / (1 - refine.band)))
+            )
+            render = None if band is None else self._grow(obj.field.source_box(band, grid), refine)
+            stale = obj.touched
+        elif cells is not None:
+            changed = obj.field.source_box(cells, grid)
+            positive = obj.field.positive_cells(cells)
+            render = (
+                intersect_box(obj.field.source_box(positive, grid), changed) if positive else None
+            )
+            stale = intersect_box(obj.touched, changed)
         box = union_box(render, stale)
         if box is None:
             self.last_update = Update(**info)
             return self.last_update
         if stale is not None:
             self._mask[stale] = False
-        if render is not None:
+        if render is not None and refine is not None:
+            self._mask[render] = self._refined(grid, render, refine)
+        elif render is not None:
             self._mask[render] = obj.field.render(grid, render)
         obj.touched = union_box(obj.touched, render)
         self.last_update = Update(box, self._mask[box].copy(), **info)
         return self.last_update
+
+    def _refined(self, grid, box: Box, refine: RefineSettings) -> np.ndarray:
+        """The current object's mask on a source box, snapped to image edges."""
+        obj = self._object
+        logits, known = obj.field.sample(grid, box)
+        image = self.volume.array[box].astype(np.float32)
+        if self._clip is not None:
+            image = np.clip(image, *self._clip)
+        start = np.array([s.start for s in box])
+        mask = refine_mask(
+            torch.from_numpy(image).to(self.device),
+            torch.from_numpy(logits).to(self.device),
+            [np.asarray(c.point) - start for c in obj.clicks],
+            [c.positive for c in obj.clicks],
+            self.volume.spacing,
+            refine,
+        )
+        return mask.cpu().numpy() & known
+
+    def _grow(self, box: Box, refine: RefineSettings) -> Box:
+        """``box`` grown by the refinement's margin (clamped to the volume)."""
+        grow = [int(np.ceil(refine.margin_mm / h)) for h in self.volume.spacing]
+        return tuple(
+            slice(max(s.start - g, 0), min(s.stop + g, n))
+            for s, g, n in zip(box, grow, self.volume.shape, strict=True)
+        )
 
     def _commit(self, overwrite: bool | None, label: int | None) -> int:
         obj = self._object

@@ -10,6 +10,7 @@ import numpy as np
 from .errors import InputError
 from .field import Box, LogitField, Patch, empty_box
 from .geometry import MODEL_SPACING
+from .refine import RefineSettings
 from .roi import Roi
 from .zoom import FINE_SPACING
 
@@ -49,6 +50,10 @@ class SessionSettings:
             ``spacing``; also when the volume's voxels are not finer than ``spacing``
             (:func:`fastsam3d.zoom.uses_fine_grid`). Measured in docs/RESULTS.md.
         max_undo: undo levels kept per object.
+        refine: snap the current object's mask to image edges on the volume's own voxels: a
+            random walker with the model's probability as prior and the clicks as seeds
+            (:mod:`fastsam3d.refine`); None shows the thresholded logits. On the held-out CT it
+            raised the mean Dice after 5 clicks by about 0.16 (docs/RESULTS.md).
     """
 
     point_policy: str = "all"
@@ -62,6 +67,7 @@ class SessionSettings:
     spacing: float = MODEL_SPACING
     fine_spacing: float | None = FINE_SPACING
     max_undo: int = 100
+    refine: RefineSettings | None = RefineSettings()
 
     def __post_init__(self) -> None:
         if self.point_policy not in POINT_POLICIES:
@@ -87,6 +93,8 @@ class SessionSettings:
             if len(clip) != 2 or not float(clip[0]) < float(clip[1]):
                 raise InputError(f"intensity_clip must be (low, high) with low < high, got {clip}")
             object.__setattr__(self, "intensity_clip", (float(clip[0]), float(clip[1])))
+        if self.refine is not None and not isinstance(self.refine, RefineSettings):
+            raise InputError(f"refine must be a RefineSettings or None, got {self.refine!r}")
 
     def replace(self, **changes) -> SessionSettings:
         return dataclasses.replace(self, **changes)
@@ -100,6 +108,12 @@ class SessionSettings:
         values = {k: v for k, v in data.items() if k in names}
         if isinstance(values.get("intensity_clip"), list):
             values["intensity_clip"] = tuple(values["intensity_clip"])
+        # files written before the refinement existed replay without it, as they were made
+        refine = values.get("refine")
+        if isinstance(refine, dict):
+            known = {f.name for f in dataclasses.fields(RefineSettings)}
+            refine = RefineSettings(**{k: v for k, v in refine.items() if k in known})
+        values["refine"] = refine
         return cls(**values)
 
 
