@@ -73,6 +73,7 @@ class Engine:
         self.model_name: str | None = None
         self.device: str | None = None
         self.session: Any = None
+        self.refine = True
         self._prompts: list[Prompt] = []
         self._redo: list[Prompt] = []
         self._touched: Box | None = None
@@ -198,7 +199,9 @@ class Engine:
             raise _session_error("load a model first (choose one in the FastSAM3D panel)")
         volume = fastsam3d.Volume(np.asarray(array), np.asarray(affine, dtype=np.float64))
         seed = None if labels is None else np.array(labels, dtype=np.uint16)
-        self.session = fastsam3d.Session(self.model, volume, device=self.device, labels=seed)
+        self.session = fastsam3d.Session(
+            self.model, volume, device=self.device, labels=seed, settings=self._settings()
+        )
         self._prompts, self._redo, self._touched, self._last_hit = [], [], None, None
         self._shown = None
         self._next_id = 1 if seed is None else int(seed.max(initial=0)) + 1
@@ -274,6 +277,21 @@ class Engine:
         self._prompts, self._redo, self._touched, self._shown = [], [], None, None
         self._next_id = max(self._next_id, object_id + 1)
         return object_id, voxels, self._next_id, box, np.array(self.session.labels[box])
+
+    def set_refine(self, enabled: bool) -> Change | None:
+        """Snap masks to image edges or not (:mod:`fastsam3d.refine`); re-renders the object."""
+        self.refine = bool(enabled)
+        if self.session is None:
+            return None
+        self.session.settings = self._settings()
+        return self._change(self.session.refresh().box)
+
+    def _settings(self):
+        from fastsam3d.refine import RefineSettings
+        from fastsam3d.session import SessionSettings
+
+        current = SessionSettings() if self.session is None else self.session.settings
+        return current.replace(refine=RefineSettings() if self.refine else None)
 
     def current_change(self) -> Change:
         """The current state, for resynchronising the GUI after a failure."""

@@ -392,6 +392,9 @@ class FastSAM3DWidget(Panel):
         if self._image is not None:
             _prompts.set_default_polarity(self.prompts_layer, not negative)
 
+    def _on_refine_toggled(self, enabled: bool) -> None:
+        self.worker.set_refine(enabled)
+
     def _on_visibility_changed(self, object_id: int, visible: bool) -> None:
         record = self.state.objects.get(object_id)
         if record is not None:

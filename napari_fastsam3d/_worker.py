@@ -106,6 +106,10 @@ class ModelWorker:
     def commit(self) -> None:
         self._post(_Task("commit"))
 
+    def set_refine(self, enabled: bool) -> None:
+        """Snap masks to image edges or not; the current object is shown again."""
+        self._post(_Task("set_refine", (bool(enabled),)))
+
     def cancel(self) -> None:
         """Cancel the running download or encoding (the next progress check raises)."""
         self._cancel.set()
@@ -204,6 +208,9 @@ class ModelWorker:
 
     def _do_reset(self) -> None:
         self._send_resync(self.engine.reset())
+
+    def _do_set_refine(self, enabled: bool) -> None:
+        self._send_resync(self.engine.set_refine(enabled))
 
     def _do_commit(self) -> None:
         self._send(Committed(*self.engine.commit()))

@@ -90,6 +90,28 @@ def test_click_gives_mask_at_the_clicked_place(qtbot, blob_viewer, stand_in):
     assert "mm grid" in widget.status_label.text()
 
 
+def test_snap_to_edges_toggle_renders_the_object_again(qtbot, blob_viewer):
+    from fastsam3d.stand_in import ThresholdModel
+
+    class Overshooting(ThresholdModel):
+        """Logits raised: masks 6 mm too large with a soft edge, until snapped to the ball."""
+
+        def decode(self, embedding, points, labels, mask_input=None, multimask_output=False):
+            low, iou, mask = super().decode(embedding, points, labels, mask_input, multimask_output)
+            return low / 2 + 2, iou, mask
+
+    widget = dock(blob_viewer)
+    ready(qtbot, widget, Overshooting())
+    assert widget.refine_box.isChecked()
+    click(blob_viewer, widget, (20, 18, 12))
+    wait_for_labels(qtbot, widget, lambda d: d.any())
+    snapped = blob_viewer.layers[LABELS_NAME].data.copy()
+    widget.refine_box.setChecked(False)
+    wait_for_labels(qtbot, widget, lambda d: np.count_nonzero(d) > np.count_nonzero(snapped))
+    widget.refine_box.setChecked(True)
+    wait_for_labels(qtbot, widget, lambda d: np.array_equal(d, snapped))
+
+
 def test_mouse_clicks_positive_and_ctrl_negative(qtbot, blob_viewer, stand_in):
     widget = dock(blob_viewer)
     ready(qtbot, widget, stand_in)
