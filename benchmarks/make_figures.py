@@ -102,9 +102,11 @@ def plot_example_masks(args, out: Path) -> Path:
         extract,
         source_voxel_mm,
     )
+    from fastsam3d.refine import RefineSettings
 
     model = load_model(args.model, progress=False)
-    segmenter = SamSegmenter(model, newest_only=False, fine_spacing=args.fine_spacing)
+    refine = RefineSettings() if args.refine else None
+    segmenter = SamSegmenter(model, False, fine_spacing=args.fine_spacing, refine=refine)
     case = find_cases(args.labels, args.images)[0]
     segmenter.source_voxel_mm = source_voxel_mm(case)
     arrays = preprocess_case(case)
@@ -133,6 +135,7 @@ def plot_example_masks(args, out: Path) -> Path:
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     zoom = ", fine-to-coarse zoom" if args.fine_spacing else ""
+    zoom += ", edge refinement" if args.refine else ""
     fig.suptitle(f"green: reference label, red: model mask (cvpr25 clicks{zoom})", fontsize=9)
     return save(fig, out / "example_masks.png", dpi=110)
 
@@ -154,6 +157,9 @@ def main() -> None:
     parser.add_argument("--show-clicks", default="1,3,5")
     parser.add_argument(
         "--fine-spacing", type=float, help="example masks with the session's zoom (0.75)"
+    )
+    parser.add_argument(
+        "--refine", action="store_true", help="example masks with the session's edge refinement"
     )
     args = parser.parse_args()
     out = Path(args.out)
