@@ -36,14 +36,19 @@ def edge_weights(
     return weights
 
 
-def laplacian(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """Graph Laplacian times x: sum over neighbours j of w_ij (x_i - x_j)."""
-    out = torch.zeros_like(x)
+def laplacian(
+    x: torch.Tensor, weights: list[torch.Tensor], diagonal: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Graph Laplacian times x: sum over neighbours j of w_ij (x_i - x_j).
+
+    ``diagonal`` replaces the degree (precomputed, possibly plus a constant such as the
+    prior weight: then the product is ``(L + diagonal - degree) x``).
+    """
+    out = x * (degree(weights, x.shape) if diagonal is None else diagonal)
     for axis, w in enumerate(weights):
-        flux = w * x.diff(dim=axis)
         n = x.shape[axis]
-        out.narrow(axis, 0, n - 1).sub_(flux)
-        out.narrow(axis, 1, n - 1).add_(flux)
+        out.narrow(axis, 0, n - 1).addcmul_(w, x.narrow(axis, 1, n - 1), value=-1)
+        out.narrow(axis, 1, n - 1).addcmul_(w, x.narrow(axis, 0, n - 1), value=-1)
     return out
 
 
@@ -88,37 +93,34 @@ def random_walker(
     unknown = (seeds < 0).float()
     fixed = (seeds == 1).float()
     diagonal = degree(weights, image.shape)
-    rhs = -laplacian(fixed, weights)
+    rhs = -laplacian(fixed, weights, diagonal)
     if prior is not None and gamma > 0:
         prior = prior.float()
-        rhs = rhs + gamma * prior
+        rhs.add_(prior, alpha=gamma)
         diagonal = diagonal + gamma
         x = prior * unknown
     else:
-        gamma, x = 0.0, torch.zeros_like(rhs)
-    rhs = rhs * unknown
+        x = torch.zeros_like(rhs)
+    rhs.mul_(unknown)
     inverse_diag = unknown / diagonal.clamp(min=1e-12)
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        out = laplacian(v, weights)
-        if gamma:
-            out.add_(v, alpha=gamma)
-        return out.mul_(unknown)
+        return laplacian(v, weights, diagonal).mul_(unknown)
 
-    residual = rhs - apply(x) if gamma else rhs.clone()
+    residual = rhs - apply(x)
     z = residual * inverse_diag
     direction = z.clone()
-    rz = (residual * z).sum()
+    rz = torch.dot(residual.flatten(), z.flatten())
     stop = tol * rhs.norm().clamp(min=1e-20)
     for _ in range(iterations):
         if residual.norm() < stop:
             break
         a_dir = apply(direction)
-        alpha = rz / (direction * a_dir).sum().clamp(min=1e-30)
-        x = x + alpha * direction
-        residual = residual - alpha * a_dir
-        z = residual * inverse_diag
-        rz_new = (residual * z).sum()
-        direction = z + (rz_new / rz) * direction
+        alpha = rz / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
+        x.addcmul_(alpha, direction)
+        residual.addcmul_(alpha, a_dir, value=-1)
+        torch.mul(residual, inverse_diag, out=z)
+        rz_new = torch.dot(residual.flatten(), z.flatten())
+        direction.mul_(rz_new / rz).add_(z)
         rz = rz_new
     return (x * unknown + fixed).clamp(0, 1)
