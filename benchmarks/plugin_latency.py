@@ -11,7 +11,7 @@ mask output is replaced by a 30 mm ball at the click, because random weights giv
 fill whole ROIs and no trained weights are published yet. Run under a display (Xvfb works):
 
     python benchmarks/plugin_latency.py                    # prints, and updates docs/BENCHMARKS.md
-    python benchmarks/plugin_latency.py --clicks 10 --no-write
+    python benchmarks/plugin_latency.py --clicks 10 --no-write [--no-refine]
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ def build_model() -> nn.Module:
     return BallMaskModel(model)
 
 
-def reference_session(model, volume, affine):
+def reference_session(model, volume, affine, refine: bool):
     """A bare ``Session`` on the same volume (no napari): the reference path."""
     import fastsam3d
+    from fastsam3d.session import SessionSettings
 
-    return fastsam3d.Session(model, fastsam3d.Volume(volume, affine), device="cpu")
+    settings = SessionSettings() if refine else SessionSettings(refine=None)
+    return fastsam3d.Session(model, fastsam3d.Volume(volume, affine), "cpu", settings=settings)
 
 
 def reference_click(session, index) -> float:
@@ -105,7 +107,7 @@ def reference_click(session, index) -> float:
     return elapsed
 
 
-def measure(model, volume, affine, clicks, show: bool = True, timeout: float = 600.0):
+def measure(model, volume, affine, clicks, show=True, refine=True, timeout: float = 600.0):
     """Per click: (click -> layer updated ms, engine ms, reference ms).
 
     The plugin figures are the widget's own; each is followed by the same click on the bare
@@ -138,7 +140,8 @@ def measure(model, volume, affine, clicks, show: bool = True, timeout: float = 6
             app.processEvents(blocking)
 
     wait(lambda: widget._session_ready)
-    reference = reference_session(model, volume, affine)
+    widget.refine_box.setChecked(refine)
+    reference = reference_session(model, volume, affine, refine)
     results = []
     for index in clicks:
         world = np.array(image.data_to_world(np.asarray(index, dtype=float)), dtype=float)
@@ -159,7 +162,7 @@ def measure(model, volume, affine, clicks, show: bool = True, timeout: float = 6
     return results
 
 
-def report(shown, hidden, warmup: int) -> str:
+def report(shown, hidden, warmup: int, refine: bool) -> str:
     """The Markdown section, from runs with the window drawn and hidden."""
     med = statistics.median
 
@@ -179,7 +182,8 @@ def report(shown, hidden, warmup: int) -> str:
         f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
         f"volume {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 at {SPACING} mm, "
         "FastSAM3D architecture (`prepare_inference()`, as the plugin loads it) with random "
-        "weights whose mask is a 30 mm ball (see the script).",
+        "weights whose mask is a 30 mm ball (see the script); session defaults, edge "
+        f"refinement {'on' if refine else 'off (`--no-refine`)'}.",
         f"Medians of {len(shown) - warmup} clicks after {warmup} warm-up click(s); each click "
         "starts a new object in an already encoded ROI (decoder only); plugin and reference "
         "clicks alternate. *Drawn*: napari's window is shown (Xvfb, Mesa llvmpipe: OpenGL "
@@ -220,14 +224,16 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--no-refine", action="store_true", help="edge refinement off")
     args = parser.parse_args()
     os.environ.setdefault("NAPARI_CONFIG", "")
     volume, affine = make_volume()
     model = build_model()
     clicks = click_positions(args.clicks)
-    shown = measure(model, volume, affine, clicks, show=True)
-    hidden = measure(model, volume, affine, clicks, show=False)
-    text = report(shown, hidden, args.warmup)
+    refine = not args.no_refine
+    shown = measure(model, volume, affine, clicks, show=True, refine=refine)
+    hidden = measure(model, volume, affine, clicks, show=False, refine=refine)
+    text = report(shown, hidden, args.warmup, refine)
     print(text)
     if not args.no_write:
         write_section(text)

@@ -86,8 +86,9 @@ def test_benchmark_report_replaces_only_its_own_section(tmp_path):
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\n## model speed\n\nkeep me\n")
     results = [(1000.0, 900.0, 800.0)] + [(100.0 + i, 90.0, 80.0) for i in range(5)]
-    bench.write_section(bench.report(results, results, warmup=1), doc)
-    bench.write_section(bench.report(results, results, warmup=1), doc)
+    bench.write_section(bench.report(results, results, warmup=1, refine=False), doc)
+    bench.write_section(bench.report(results, results, warmup=1, refine=True), doc)
     text = doc.read_text()
     assert text.count(bench.HEADING) == 1 and "keep me" in text
+    assert "edge refinement on" in text
     assert "| 102.0 | 102.0 |" in text  # median of 100..104
