@@ -589,6 +589,17 @@ def test_refinement_snaps_an_overshooting_mask_to_the_image_edge():
     np.testing.assert_array_equal(refined_session.redo(), refined)
 
 
+def test_thick_slices_are_not_refined():
+    volume, _ = _balls(shape=(70, 64, 16), spacing=(1.0, 1.0, 5.0), balls=((34, 32, 8, 10),))
+    plain = _session(volume, Dilated(), refine=None).add_point((34, 32, 8))
+    default = _session(volume, Dilated()).add_point((34, 32, 8))
+    np.testing.assert_array_equal(default, plain)
+    thick = RefineSettings(max_spacing_mm=6.0)
+    assert not np.array_equal(
+        _session(volume, Dilated(), refine=thick).add_point((34, 32, 8)), plain
+    )
+
+
 def test_refine_settings_round_trip_and_old_files_replay_without_it():
     settings = SessionSettings(refine=RefineSettings(beta=20.0))
     assert SessionSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings

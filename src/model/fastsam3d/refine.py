@@ -38,6 +38,9 @@ class RefineSettings:
             solves on their bounding box.
         margin_mm: the box grows by this much on every side.
         seed_mm: each click fixes the voxels within this distance per axis (at least its own).
+        max_spacing_mm: a session does not refine volumes with a voxel side longer than this
+            (thick slices: on 6.5 mm MR slices the walker dissolved the first masks, on 2 mm
+            CT slices it helped; docs/RESULTS.md).
         max_voxels: a larger box is solved on a grid coarsened by whole factors, then
             interpolated back.
         iterations: conjugate-gradient iterations at most.
@@ -49,6 +52,7 @@ class RefineSettings:
     band: float = 0.02
     margin_mm: float = 6.0
     seed_mm: float = 1.5
+    max_spacing_mm: float = 3.0
     max_voxels: int = 80**3
     iterations: int = 200
     tolerance: float = 1e-2
@@ -61,6 +65,8 @@ class RefineSettings:
             )
         if self.max_voxels < 1 or self.iterations < 1 or self.margin_mm < 0 or self.seed_mm < 0:
             raise InputError("max_voxels and iterations must be >= 1, margin_mm and seed_mm >= 0")
+        if not self.max_spacing_mm > 0:
+            raise InputError(f"max_spacing_mm must be positive, got {self.max_spacing_mm}")
 
 
 def refine_mask(

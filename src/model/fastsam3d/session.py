@@ -91,6 +91,14 @@ class Session:
         }
         self._predictor = self._predictors[self._settings.spacing]
         self._grid = volume.model_grid(self._settings.spacing)
+        refine = self._settings.refine
+        if refine is not None and max(volume.spacing) > refine.max_spacing_mm:
+            logger.info(
+                "masks are not snapped to edges on this volume: its voxels reach %.3g mm "
+                "(refinement stops at %.3g mm)",
+                max(volume.spacing),
+                refine.max_spacing_mm,
+            )
         self._committed: list[CommittedObject] = []
         self._object = self._new_object()
         self.last_update = Update()
@@ -471,7 +479,7 @@ class Session:
         """
         obj = self._object
         grid = self.volume.model_grid(obj.spacing)
-        refine = self._settings.refine
+        refine = self._refine_settings()
         render = stale = None
         if cells is not None and refine is not None:
             everything = tuple(slice(0, n) for n in obj.field.logits.shape)
@@ -500,6 +508,13 @@ class Session:
         obj.touched = union_box(obj.touched, render)
         self.last_update = Update(box, self._mask[box].copy(), **info)
         return self.last_update
+
+    def _refine_settings(self) -> RefineSettings | None:
+        """The refinement to apply: none when it is off or the volume has thick slices."""
+        refine = self._settings.refine
+        if refine is not None and max(self.volume.spacing) > refine.max_spacing_mm:
+            return None
+        return refine
 
     def _refined(self, grid, box: Box, refine: RefineSettings) -> np.ndarray:
         """The current object's mask on a source box, snapped to image edges."""

@@ -53,7 +53,8 @@ class SessionSettings:
         refine: snap the current object's mask to image edges on the volume's own voxels: a
             random walker with the model's probability as prior and the clicks as seeds
             (:mod:`fastsam3d.refine`); None shows the thresholded logits. On the held-out CT it
-            raised the mean Dice after 5 clicks by about 0.16 (docs/RESULTS.md).
+            raised the mean Dice after 5 clicks by about 0.16 (docs/RESULTS.md). Volumes with
+            voxels longer than ``refine.max_spacing_mm`` are not refined.
     """
 
     point_policy: str = "all"
