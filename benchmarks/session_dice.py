@@ -34,6 +34,11 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--protocol", default="cvpr25", choices=["cvpr25", "fastsam3d"])
     parser.add_argument("--min-voxels", type=int, default=10)
+    parser.add_argument(
+        "--structures",
+        type=lambda text: [int(v) for v in text.split(",")],
+        help="comma-separated label values (default: all)",
+    )
     parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--refine-beta", type=float, help="RefineSettings.beta (default: its own)")
     parser.add_argument("--refine-prior", type=float, help="RefineSettings.prior_weight")
@@ -54,7 +59,7 @@ def main() -> None:
     results, seconds = [], []
     for value in np.unique(labels)[1:]:
         gt = labels == value
-        if gt.sum() < args.min_voxels:
+        if gt.sum() < args.min_voxels or (args.structures and int(value) not in args.structures):
             continue
         session = fastsam3d.Session(model, volume, args.device, settings=settings, cache=cache)
         rng = np.random.default_rng([args.seed, int(value)])

@@ -157,28 +157,29 @@ def test_prompts_file_replays_and_save_prompts(ct, tmp_path, stand_in):
     assert [o["committed"] for o in doc["objects"]] == [True, True]
 
 
-def test_no_fine_grid_keeps_every_object_on_the_coarse_grid(ct, tmp_path, stand_in):
+def _saved_prompts(ct, tmp_path, flag: str) -> dict[bool, dict]:
+    """The prompt files of one click on the rib, without and with ``flag``."""
     saved = {}
-    for flag in ([], ["--no-fine-grid"]):
-        prompts = tmp_path / f"p{len(flag)}.json"
+    for flags in ([], [flag]):
+        prompts = tmp_path / f"p{len(flags)}.json"
         argv = ["segment", str(ct), "--point", ",".join(map(str, RIB)), "-o"]
-        argv += [str(tmp_path / f"o{len(flag)}.nii.gz"), "--save-prompts", str(prompts), *flag]
+        argv += [str(tmp_path / f"o{len(flags)}.nii.gz"), "--save-prompts", str(prompts), *flags]
         assert cli.main(argv) == 0
-        saved[bool(flag)] = json.loads(prompts.read_text())
+        saved[bool(flags)] = json.loads(prompts.read_text())
+    return saved
+
+
+def test_no_fine_grid_keeps_every_object_on_the_coarse_grid(ct, tmp_path, stand_in):
+    saved = _saved_prompts(ct, tmp_path, "--no-fine-grid")
     assert saved[True]["settings"]["fine_spacing"] is None
     assert saved[True]["objects"][0]["clicks"][0]["spacing"] == 1.5
     assert saved[False]["settings"]["fine_spacing"] == 0.75
 
 
 def test_no_refine_is_saved_with_the_prompts(ct, tmp_path, stand_in):
-    saved = {}
-    for flag in ([], ["--no-refine"]):
-        prompts = tmp_path / f"p{len(flag)}.json"
-        argv = ["segment", str(ct), "--point", ",".join(map(str, RIB)), "-o"]
-        argv += [str(tmp_path / f"o{len(flag)}.nii.gz"), "--save-prompts", str(prompts), *flag]
-        assert cli.main(argv) == 0
-        saved[bool(flag)] = json.loads(prompts.read_text())["settings"]["refine"]
-    assert saved[True] is None and saved[False]["beta"] > 0
+    saved = _saved_prompts(ct, tmp_path, "--no-refine")
+    assert saved[True]["settings"]["refine"] is None
+    assert saved[False]["settings"]["refine"]["beta"] > 0
 
 
 def test_refuses_to_overwrite_the_input(ct, stand_in, capsys):
