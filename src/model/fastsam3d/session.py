@@ -91,13 +91,12 @@ class Session:
         }
         self._predictor = self._predictors[self._settings.spacing]
         self._grid = volume.model_grid(self._settings.spacing)
-        refine = self._settings.refine
-        if refine is not None and max(volume.spacing) > refine.max_spacing_mm:
+        if self._settings.refine is not None and self._refine_settings() is None:
             logger.info(
                 "masks are not snapped to edges on this volume: its voxels reach %.3g mm "
                 "(refinement stops at %.3g mm)",
                 max(volume.spacing),
-                refine.max_spacing_mm,
+                self._settings.refine.max_spacing_mm,
             )
         self._committed: list[CommittedObject] = []
         self._object = self._new_object()
@@ -524,9 +523,12 @@ class Session:
         if self._clip is not None:
             image = np.clip(image, *self._clip)
         start = np.array([s.start for s in box])
+        # CUDA runs the walker fast; elsewhere (CPU, and MPS, which lacks some of its
+        # operations) it runs on the CPU
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
         mask = refine_mask(
-            torch.from_numpy(image).to(self.device),
-            torch.from_numpy(logits).to(self.device),
+            torch.from_numpy(image).to(device),
+            torch.from_numpy(logits).to(device),
             [np.asarray(c.point) - start for c in obj.clicks],
             [c.positive for c in obj.clicks],
             self.volume.spacing,
