@@ -523,8 +523,8 @@ class Session:
         if self._clip is not None:
             image = np.clip(image, *self._clip)
         start = np.array([s.start for s in box])
-        # CUDA runs the walker fast; elsewhere (CPU, and MPS, which lacks some of its
-        # operations) it runs on the CPU
+        # the walker runs on CUDA when the session does, else on the CPU: MPS lacked
+        # avg_pool3d and trilinear upsampling in some torch releases this project supports
         device = self.device if self.device.type == "cuda" else torch.device("cpu")
         mask = refine_mask(
             torch.from_numpy(image).to(device),
