@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from test_modeling import DATA, student_config
 
 from fastsam3d.benchmark import format_table, run_benchmarks
+from fastsam3d.modeling import sam3d
 from fastsam3d.modeling.common import FewRowsLinear, MLPBlock
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.modeling.fast_path import GraphCache
@@ -281,13 +282,29 @@ def test_int8_encoder_keeps_the_state_dict_and_follows_new_weights():
     with torch.inference_mode():
         before, exact = int8.encode(x), reference.encode(x)
         assert (before - exact).norm() <= 0.05 * exact.norm()
-        state = {k: v * 1.5 if "mlp.lin1.weight" in k else v for k, v in state.items()}
+        changed = ("mlp.lin1.weight", "patch_embed.proj.weight", "neck.2.weight")
+        state = {k: v * 1.5 if k.endswith(changed) else v for k, v in state.items()}
         int8.load_state_dict(state)
         fresh = build_model("tiny").eval()
         fresh.load_state_dict(state)
         fresh.prepare_inference(dtype=torch.int8)
         assert torch.equal(int8.encode(x), fresh.encode(x))
         assert not torch.equal(int8.encode(x), before)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_int8_encoder_layers_that_need_more_bits(monkeypatch, bf16):
+    """The patch embedding and the neck: bf16 products where the CPU has them, else two int8
+    passes; both stay close to fp32."""
+    monkeypatch.setattr(sam3d, "native_bf16", lambda: bf16)
+    reference, _ = tiny_pair(torch.float32)
+    model = copy.deepcopy(reference).prepare_inference(dtype=torch.int8)
+    for layer in (model.image_encoder.patch_embed.proj, *model.image_encoder.neck[::2]):
+        assert hasattr(layer, "bf16_weight") is bf16 and hasattr(layer, "int8_weight") is not bf16
+    x = torch.randn(1, 1, 128, 128, 128)
+    with torch.inference_mode():
+        exact, approx = reference.encode(x), model.encode(x)
+    assert (approx - exact).norm() <= 0.05 * exact.norm()
 
 
 def test_int8_embedding_of_the_official_fixture_within_four_percent():

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import RelPosAttention3D
 from .common import ChannelLayerNorm, MLPBlock, channel_norm, strided_conv_channels_last
-from .quantized import gemm, int8_product, quantize_passes
+from .quantized import bf16_linear, gemm, int8_product, quantize_passes
 from .window_fold import folded_window_attention
 
 BLOCK_STYLES = ("fastsam3d", "sam_med3d")
@@ -54,8 +54,13 @@ def neck_channels_last(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     x = channel_norm(gemm(x, conv1, conv1.weight), norm1)
     batch, d, h, w, c = x.shape
     int8 = getattr(conv3, "int8_weight", None) if x.device.type == "cpu" else None
+    half = getattr(conv3, "bf16_weight", None) if x.device.type == "cpu" else None
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         x = F.conv3d(x.permute(0, 4, 1, 2, 3), conv3.weight, padding=1).permute(0, 2, 3, 4, 1)
+    elif half is not None:  # gathered in bf16: half the copy
+        columns = _neighbours(x.bfloat16()).view(-1, 27 * c)
+        x = bf16_linear(columns, _neighbour_kernel(conv3), None, half, conv3.weight)
+        x = x.view(batch, d, h, w, -1).to(norm3.weight.dtype)
     elif int8 is None:
         x = gemm(_neighbours(x), conv3, _neighbour_kernel(conv3))
     else:

@@ -13,7 +13,7 @@ from ..sampling import nonzero_box
 from .attention import RelPosAttention3D
 from .common import FewRowsLinear, MLPBlock
 from .fast_path import GraphCache
-from .quantized import quantize_int8
+from .quantized import native_bf16, quantize_int8
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -110,7 +110,9 @@ class Sam3D(nn.Module):
         encoder and decoder through ``torch.compile`` (seconds to a minute of compilation per
         input shape; worth it for batch work, not for one interactive volume).
         ``dtype=torch.int8`` (CPU, opt-in) runs the encoder's matrix products in int8 (weights
-        per channel, activations per row, :mod:`.quantized`), the rest in fp32; parameters
+        per channel, activations per row, :mod:`.quantized`; the patch embedding and the neck,
+        whose inputs need more than 8 bits, in bf16 on CPUs with native bf16 products, else in
+        two int8 passes), the rest in fp32; parameters
         and state-dict keys stay as they are. Without CUDA graphs the 128^3 mask is
         thresholded sparsely, bit-identical to the full upsampling (:meth:`threshold_logits`).
         ``attention`` picks the global blocks' fused backend: "sdpa" (bias as a mask) or
@@ -124,7 +126,7 @@ class Sam3D(nn.Module):
                 raise ValueError("dtype=torch.int8 is a CPU path; use bfloat16 on GPUs")
             encoder = self.image_encoder
             layers = (encoder.patch_embed.proj, encoder.neck[0], encoder.neck[2])
-            quantize_int8(encoder, layers, passes=2)
+            quantize_int8(encoder, layers, passes=2, bf16=native_bf16())
             dtype = torch.float32
         self.image_encoder.to(dtype)
         if device.type == "cuda":  # the neck's cuDNN convolution reads channels-last weights
