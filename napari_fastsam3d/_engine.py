@@ -278,6 +278,17 @@ class Engine:
         self._next_id = max(self._next_id, object_id + 1)
         return object_id, voxels, self._next_id, box, np.array(self.session.labels[box])
 
+    def volume_note(self) -> str:
+        """What the user should know about the open volume (empty when nothing)."""
+        session = self.session
+        if session is None or session.settings.refine is None or session.refines:
+            return ""
+        limit = session.settings.refine.max_spacing_mm
+        return (
+            f"masks are not snapped to image edges on this volume: its voxels are up to "
+            f"{max(session.volume.spacing):.3g} mm long (the refinement stops at {limit:g} mm)."
+        )
+
     def set_refine(self, enabled: bool) -> Change | None:
         """Snap masks to image edges or not (:mod:`fastsam3d.refine`); re-renders the object."""
         self.refine = bool(enabled)

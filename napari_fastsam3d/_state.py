@@ -57,6 +57,7 @@ class VolumeReady:
 
     key: str
     next_id: int
+    note: str = ""  # shown to the user when set (e.g. why masks are not snapped to edges)
 
 
 @dataclass(frozen=True)

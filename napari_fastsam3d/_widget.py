@@ -303,6 +303,8 @@ class FastSAM3DWidget(Panel):
         if message.key != self.state.image_key:
             return
         self._session_ready = True
+        if message.note:
+            show_info(f"FastSAM3D: {message.note}")
         self.state.current_id = message.next_id
         self.labels_layer.selected_label = message.next_id
         self.refresh_status()

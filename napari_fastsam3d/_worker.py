@@ -192,7 +192,7 @@ class ModelWorker:
 
     def _do_set_volume(self, array: Any, affine: Any, key: str, labels: Any) -> None:
         self.engine.open(array, affine, labels)
-        self._send(VolumeReady(key, self.engine.current_id))
+        self._send(VolumeReady(key, self.engine.current_id, self.engine.volume_note()))
 
     def _decode(self, request: DecodeRequest) -> None:
         start = time.perf_counter()

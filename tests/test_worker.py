@@ -108,6 +108,15 @@ def started():
     assert not worker.alive
 
 
+def test_thick_slices_come_with_a_note_that_edges_are_not_snapped(started):
+    worker, inbox, _ = started
+    thick = oblique_affine() @ np.diag([1.0, 1.0, 4.0, 1.0])
+    worker.set_volume(blob_volume(), thick, "thick")
+    assert "not snapped to image edges" in inbox.next(VolumeReady).note
+    worker.set_volume(blob_volume(), oblique_affine(), "blob again")
+    assert inbox.next(VolumeReady).note == ""
+
+
 def test_all_model_calls_run_on_the_model_thread(started):
     worker, inbox, model = started
     worker.decode(request(1))

@@ -113,6 +113,12 @@ class Session:
         return self._predictor.device
 
     @property
+    def refines(self) -> bool:
+        """Whether masks are snapped to image edges on this volume (``settings.refine`` is set
+        and no voxel side exceeds its ``max_spacing_mm``)."""
+        return self._refine_settings() is not None
+
+    @property
     def settings(self) -> SessionSettings:
         return self._settings
 
