@@ -105,11 +105,11 @@ def refine_mask(
         sub_prob = _pool(sub_prob, factors)
     steps = [h * f for h, f in zip(spacing, factors, strict=True)]
     seeds = torch.full(sub_image.shape, -1, dtype=torch.int8, device=image.device)
+    reach = [int(settings.seed_mm // h) for h in steps]
     for point, label in zip(points, labels, strict=True):
         local = [(p - a + 0.5) / f - 0.5 for p, a, f in zip(point, start, factors, strict=True)]
         centre = [int(round(v)) for v in local]
         if all(0 <= c < n for c, n in zip(centre, seeds.shape, strict=True)):
-            reach = [int(settings.seed_mm // h) for h in steps]
             ball = tuple(
                 slice(max(c - r, 0), c + r + 1) for c, r in zip(centre, reach, strict=True)
             )

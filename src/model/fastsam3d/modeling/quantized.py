@@ -90,6 +90,11 @@ def native_bf16() -> bool:
     return bool(check is not None and check())
 
 
+def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The plain product, for inputs the reduced-precision products do not take."""
+    return F.linear(x, weight.reshape(weight.shape[0], -1).to(x.dtype), bias)
+
+
 def bf16_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -99,7 +104,7 @@ def bf16_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` as a bf16 product with fp32 output and bias."""
     if x.device.type != "cpu":
-        return F.linear(x, weight.reshape(weight.shape[0], -1).to(x.dtype), bias)
+        return _fp32_linear(x, weight, bias)
     source = weight if source is None else source
     y = F.linear(x.bfloat16(), cache.get(weight, source)).float()
     return y if bias is None else y.add_(bias)
@@ -115,7 +120,7 @@ def int8_linear(
     """``F.linear(x, weight, bias)`` with dynamic int8 products (fp32 below ``MIN_ROWS`` rows)."""
     rows = x.numel() // x.shape[-1]
     if rows < MIN_ROWS or x.device.type != "cpu":
-        return F.linear(x, weight.reshape(weight.shape[0], -1).to(x.dtype), bias)
+        return _fp32_linear(x, weight, bias)
     source = weight if source is None else source
     parts = quantize_passes(x.reshape(rows, -1).float(), cache.passes)
     y = int8_product(*parts[0], weight, bias, cache, source)
