@@ -1,11 +1,13 @@
 """Attention backends against the fp32 / fp64 reference path on the same layer."""
 
 import copy
+import threading
 
 import pytest
 import torch
 
 from fastsam3d.modeling.attention import (
+    SCRATCH,
     RelPosAttention3D,
     decomposed_rel_pos_bias,
     rel_pos_bias_product,
@@ -39,6 +41,33 @@ def test_sdpa_matches_math_reference():
     x = torch.randn(2, 8, 8, 8, 32)
     ref, fast = run(layer, x, "math"), run(layer, x, "sdpa")
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+def test_bf16_cpu_attention_stays_within_bf16_rounding(use_rel_pos):
+    """bf16 products with fp32 logits: close to the fp32 reference, and a second call with
+    new inputs reuses the scratch buffers without keeping anything of the first."""
+    layer = random_layer()
+    layer.use_rel_pos = use_rel_pos
+    layer.cpu_bf16 = True
+    for seed in (1, 2):
+        x = torch.randn(2, 8, 8, 8, 32, generator=torch.Generator().manual_seed(seed))
+        ref, fast = run(layer, x, "math"), run(layer, x, "sdpa")
+        assert (fast - ref).norm() <= 1e-2 * ref.norm()
+        assert (fast - ref).abs().max() <= 3e-2 * ref.abs().max()
+    logits = SCRATCH.get("logits", (2 * 4, 512, 512), torch.float32)
+    run(layer, x, "sdpa")
+    assert SCRATCH.get("logits", (2 * 4, 512, 512), torch.float32).data_ptr() == logits.data_ptr()
+
+
+def test_scratch_buffers_are_per_thread():
+    mine = SCRATCH.get("t", (4,), torch.float32)
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(SCRATCH.get("t", (4,), torch.float32)))
+    thread.start()
+    thread.join()
+    assert SCRATCH.get("t", (4,), torch.float32) is mine
+    assert theirs[0].data_ptr() != mine.data_ptr()
 
 
 def test_teacher_window_fold_is_exact():

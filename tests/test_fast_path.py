@@ -10,6 +10,7 @@ from test_modeling import DATA, student_config
 
 from fastsam3d.benchmark import format_table, run_benchmarks
 from fastsam3d.modeling import sam3d
+from fastsam3d.modeling.attention import RelPosAttention3D
 from fastsam3d.modeling.common import FewRowsLinear, MLPBlock
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.modeling.fast_path import GraphCache
@@ -301,6 +302,8 @@ def test_int8_encoder_layers_that_need_more_bits(monkeypatch, bf16):
     model = copy.deepcopy(reference).prepare_inference(dtype=torch.int8)
     for layer in (model.image_encoder.patch_embed.proj, *model.image_encoder.neck[::2]):
         assert hasattr(layer, "bf16_weight") is bf16 and hasattr(layer, "int8_weight") is not bf16
+    attention = [m for m in model.modules() if isinstance(m, RelPosAttention3D)]
+    assert attention and all(m.cpu_bf16 is bf16 for m in attention)
     x = torch.randn(1, 1, 128, 128, 128)
     with torch.inference_mode():
         exact, approx = reference.encode(x), model.encode(x)

@@ -112,7 +112,8 @@ class Sam3D(nn.Module):
         ``dtype=torch.int8`` (CPU, opt-in) runs the encoder's matrix products in int8 (weights
         per channel, activations per row, :mod:`.quantized`; the patch embedding and the neck,
         whose inputs need more than 8 bits, in bf16 on CPUs with native bf16 products, else in
-        two int8 passes), the rest in fp32; parameters
+        two int8 passes; on such CPUs the attention's two products in bf16 too, with fp32
+        logits and softmax, :func:`.attention.bf16_cpu_attention`), the rest in fp32; parameters
         and state-dict keys stay as they are. Without CUDA graphs the 128^3 mask is
         thresholded sparsely, bit-identical to the full upsampling (:meth:`threshold_logits`).
         ``attention`` picks the global blocks' fused backend: "sdpa" (bias as a mask) or
@@ -127,6 +128,9 @@ class Sam3D(nn.Module):
             encoder = self.image_encoder
             layers = (encoder.patch_embed.proj, encoder.neck[0], encoder.neck[2])
             quantize_int8(encoder, layers, passes=2, bf16=native_bf16())
+            for module in encoder.modules():
+                if isinstance(module, RelPosAttention3D):
+                    module.cpu_bf16 = native_bf16()
             dtype = torch.float32
         self.image_encoder.to(dtype)
         if device.type == "cuda":  # the neck's cuDNN convolution reads channels-last weights
