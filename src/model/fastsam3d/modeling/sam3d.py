@@ -127,10 +127,11 @@ class Sam3D(nn.Module):
                 raise ValueError("dtype=torch.int8 is a CPU path; use bfloat16 on GPUs")
             encoder = self.image_encoder
             layers = (encoder.patch_embed.proj, encoder.neck[0], encoder.neck[2])
-            quantize_int8(encoder, layers, passes=2, bf16=native_bf16())
+            bf16 = native_bf16()
+            quantize_int8(encoder, layers, passes=2, bf16=bf16)
             for module in encoder.modules():
                 if isinstance(module, RelPosAttention3D):
-                    module.cpu_bf16 = native_bf16()
+                    module.cpu_bf16 = bf16
             dtype = torch.float32
         self.image_encoder.to(dtype)
         if device.type == "cuda":  # the neck's cuDNN convolution reads channels-last weights
