@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .geometry import ModelGrid, translation
+from .geometry import ModelGrid
 from .roi import STRIDE, Roi
-from .sampling import interpolate_axis_aligned, nonzero_box
+from .sampling import nonzero_box, sample_box
 
 Box = tuple[slice, slice, slice]
 
@@ -174,17 +174,8 @@ class LogitField:
         shape = tuple(s.stop - s.start for s in box)
         if min(shape) <= 0:
             return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=bool)
-        start = np.array([s.start for s in box])
+        start = [s.start for s in box]
         matrix = self.source_to_lattice(grid)
-        sub, matrix = self._sub_lattice(matrix, start, np.asarray(shape))
-        logits = interpolate_axis_aligned(self.logits[sub], matrix, start, shape, order=1)
-        known = interpolate_axis_aligned(self.known[sub], matrix, start, shape, order=0)
+        logits = sample_box(self.logits, matrix, start, shape, order=1)
+        known = sample_box(self.known, matrix, start, shape, order=0)
         return logits, known
-
-    def _sub_lattice(self, matrix: np.ndarray, start: np.ndarray, shape: np.ndarray):
-        """The lattice cells a source box reads, and the matrix re-based onto them."""
-        corners = np.stack([start, start + shape - 1]) @ matrix[:3, :3].T + matrix[:3, 3]
-        lo = np.clip(np.floor(corners.min(axis=0)).astype(int) - 1, 0, None)
-        hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 2, self.logits.shape)
-        sub = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        return sub, translation(-lo) @ matrix

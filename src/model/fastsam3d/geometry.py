@@ -23,10 +23,9 @@ from functools import cached_property
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_lib
-from scipy import ndimage
 
 from .errors import GeometryError, InputError
-from .sampling import crop_padded, zero_outside
+from .sampling import crop_padded, sample_box, zero_outside
 
 logger = logging.getLogger(__name__)
 
@@ -193,20 +192,9 @@ class ModelGrid:
 
         Voxels of the box outside the grid are 0 when ``pad_outside`` (the crop's padding).
         """
-        scale = np.diag(self.to_canonical)[:3]
-        offset = self.to_canonical[:3, 3] + scale * np.asarray(start, dtype=np.float64)
         canonical = self.canonical_view(array)
-        if canonical.dtype.kind == "b" or canonical.dtype == np.float16:
-            canonical = canonical.astype(np.float32)  # types scipy.ndimage cannot interpolate
-        out = ndimage.affine_transform(
-            canonical,
-            scale,
-            offset,
-            output_shape=tuple(int(n) for n in shape),
-            output=np.float32,
-            order=1,
-            mode="nearest",
-        )
+        out = sample_box(canonical, self.to_canonical, start, shape, order=1)
+        out = out.astype(np.float32, copy=False)
         if pad_outside:
             zero_outside(out, start, self.shape)
         return out

@@ -60,6 +60,42 @@ def interpolate_axis_aligned(field: np.ndarray, matrix: np.ndarray, start, shape
     return out.transpose(np.argsort(perm))
 
 
+def sample_box(
+    field: np.ndarray, matrix: np.ndarray, start, shape, order: int, slab_voxels: int = 2**18
+) -> np.ndarray:
+    """:func:`interpolate_axis_aligned`, reading only the block of ``field`` the box needs, in
+    slabs of output planes (about ``slab_voxels`` voxels each).
+
+    Each block spans its slab's corners mapped into ``field`` plus one voxel on each side, so
+    every voxel interpolates from the same neighbours with the same weights as from the whole
+    ``field`` (edge values beyond it, as there), bit for bit. A small box of a large volume
+    costs the box, not the volume, and the slabs keep the temporaries in cache.
+    """
+    start, shape = np.asarray(start), tuple(int(n) for n in shape)
+    thick = max(1, slab_voxels // max(shape[1] * shape[2], 1))
+    if thick >= shape[0]:
+        return _sample_block(field, matrix, start, shape, order)
+    out = None
+    for first in range(0, shape[0], thick):
+        size = (min(thick, shape[0] - first), *shape[1:])
+        part = _sample_block(field, matrix, start + (first, 0, 0), size, order)
+        if out is None:
+            out = np.empty(shape, dtype=part.dtype)
+        out[first : first + size[0]] = part
+    return out
+
+
+def _sample_block(field: np.ndarray, matrix: np.ndarray, start, shape, order: int):
+    corners = np.stack([start, start + np.asarray(shape) - 1]) @ matrix[:3, :3].T + matrix[:3, 3]
+    last = np.asarray(field.shape) - 1
+    lo = np.clip(np.floor(corners.min(axis=0)).astype(int) - 1, 0, last)
+    hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 2, lo + 1, last + 1)
+    block = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    shifted = matrix.copy()
+    shifted[:3, 3] -= lo
+    return interpolate_axis_aligned(field[block], shifted, start, shape, order)
+
+
 def _sample_axis(array: np.ndarray, coords: np.ndarray, axis: int, order: int) -> np.ndarray:
     n = array.shape[axis]
     clipped = np.clip(coords, 0, n - 1)
