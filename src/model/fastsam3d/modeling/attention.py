@@ -175,7 +175,7 @@ class ScratchBuffers(threading.local):
         key = (name, tuple(shape), dtype)
         tensor = self.tensors.get(key)
         if tensor is None:
-            tensor = self.tensors[key] = torch.empty(shape, dtype=dtype)
+            tensor = self.tensors[key] = torch.empty(shape, dtype=dtype, device="cpu")
         return tensor
 
 
