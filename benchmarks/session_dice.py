@@ -7,6 +7,7 @@ Dice on the whole volume after each click. Same clicks for every setting compare
 
     python benchmarks/session_dice.py --image CT.nii.gz --labels SEG.nii.gz --json out.json
     python benchmarks/session_dice.py ... --no-refine      # thresholded logits, no refinement
+    python benchmarks/session_dice.py ... --click-walker off  # refinement from the model alone
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
         help="comma-separated label values (default: all)",
     )
     parser.add_argument("--no-refine", action="store_true")
+    parser.add_argument("--click-walker", choices=["ct", "on", "off"], default="ct")
+    parser.add_argument("--walker-step", type=float, help="RefineSettings.walker_step_mm")
+    parser.add_argument("--walker-side", type=int, help="RefineSettings.walker_side")
     parser.add_argument("--refine-beta", type=float, help="RefineSettings.beta (default: its own)")
     parser.add_argument("--refine-prior", type=float, help="RefineSettings.prior_weight")
     parser.add_argument("--device", default="cpu")
@@ -52,7 +56,13 @@ def main() -> None:
     if labels.shape != volume.shape:
         raise SystemExit(f"labels {labels.shape} and image {volume.shape} differ")
     model = fastsam3d.load_model(args.model, args.device)
-    chosen = {"beta": args.refine_beta, "prior_weight": args.refine_prior}
+    chosen = {
+        "beta": args.refine_beta,
+        "prior_weight": args.refine_prior,
+        "walker_step_mm": args.walker_step,
+        "walker_side": args.walker_side,
+    }
+    chosen["click_walker"] = args.click_walker
     refine = RefineSettings(**{k: v for k, v in chosen.items() if v is not None})
     settings = SessionSettings(refine=None if args.no_refine else refine)
     cache = EmbeddingCache()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastsam3d.errors import InputError
-from fastsam3d.refine import RefineSettings, coarsening, refine_mask
+from fastsam3d.refine import RefineSettings, click_seeds, click_walker, coarsening, refine_mask
 from fastsam3d.walker import random_walker
 
 
@@ -87,7 +87,15 @@ def test_coarsening_takes_the_finest_axes_first():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"beta": -1}, {"prior_weight": 0}, {"band": 0.5}, {"max_voxels": 0}]
+    "bad",
+    [
+        {"beta": -1},
+        {"prior_weight": 0},
+        {"band": 0.5},
+        {"max_voxels": 0},
+        {"click_walker": True},
+        {"walker_side": 1},
+    ],
 )
 def test_settings_are_checked(bad):
     with pytest.raises(InputError):
@@ -97,6 +105,70 @@ def test_settings_are_checked(bad):
 def test_shapes_must_match():
     with pytest.raises(InputError, match="differ"):
         refine_mask(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), [], [])
+
+
+def test_click_seeds_fix_balls_over_the_closed_faces():
+    closed = [[True, False], [False, False], [False, True]]
+    seeds = click_seeds((10, 10, 10), [(5, 5, 5), (2.2, 2, 2)], [1, 0], 1.0, closed)
+    assert seeds[5, 5, 5] == 1 and seeds[4, 5, 5] == 1 and seeds[4, 4, 5] == -1
+    assert seeds[2, 2, 2] == 0 and seeds[3, 2, 2] == 0 and seeds[1, 2, 2] == -1
+    assert (seeds[0] == 0).all() and (seeds[:, :, -1] == 0).all()
+    assert (seeds[-1, :, :-1] == -1).all() and (seeds[1:, 0, 3] == -1).all()
+    # a radius below one voxel still fixes the nearest voxel; clicks outside are ignored
+    tiny = click_seeds((10, 10, 10), [(5.2, 4.9, 5.0), (30, 5, 5)], [1, 1], 0.1, closed)
+    assert int((tiny == 1).sum()) == 1 and tiny[5, 5, 5] == 1
+
+
+def test_click_walker_fills_a_uniform_region_from_one_click():
+    shape, centre = (48, 48, 48), (24, 22, 25)
+    truth = _ball(shape, centre, 14) < 0
+    image = truth.float() * 100 + torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    prob = click_walker(image, [centre], [1])
+    assert _dice(prob > 0.5, truth) > 0.95
+    # coarse to fine agrees with one long solve from zero
+    seeds = click_seeds(shape, [centre], [1], 1.5)
+    plain = random_walker(image, seeds, beta=90.0, tol=1e-8, iterations=3000)
+    assert _dice(prob > 0.5, plain > 0.5) > 0.99
+
+
+def test_the_click_walker_runs_on_ct_by_default():
+    assert RefineSettings().walks_clicks(-1024.0) and not RefineSettings().walks_clicks(0.0)
+    assert RefineSettings(click_walker="on").walks_clicks(0.0)
+    assert not RefineSettings(click_walker="off").walks_clicks(-1024.0)
+
+
+def test_click_walker_needs_a_positive_click_and_background():
+    image = torch.rand(20, 20, 20)
+    open_faces = np.zeros((3, 2), dtype=bool)
+    assert click_walker(image, [(10, 10, 10)], [0]) is None
+    assert click_walker(image, [(10, 10, 10)], [1], open_faces) is None
+    both = click_walker(image, [(10, 10, 10), (3, 3, 3)], [1, 0], open_faces)
+    assert both is not None and both[10, 10, 10] == 1 and both[3, 3, 3] == 0
+
+
+def test_the_click_walker_grows_a_mask_the_model_left_small():
+    """The model's confident mask covers a third of a uniform ball: its noisy OR with the
+    click walker gets the ball; the model alone keeps the small mask."""
+    shape, centre = (48, 48, 48), (24, 24, 24)
+    truth = _ball(shape, centre, 15) < 0
+    image = truth.float() * 100
+    logits = -_ball(shape, centre, 5) * 4
+    alone = refine_mask(image, logits, [centre], [1])
+    walker = click_walker(image, [centre], [1])
+    merged = refine_mask(image, logits, [centre], [1], walker=walker)
+    assert _dice(alone, truth) < 0.2 and _dice(merged, truth) > 0.95
+    with pytest.raises(InputError, match="walker"):
+        refine_mask(image, logits, [centre], [1], walker=walker[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_click_walker_agrees_with_cpu():
+    shape, centre = (64, 64, 64), (30, 33, 20)
+    truth = _ball(shape, centre, 12) < 0
+    image = truth.float() * 100 + torch.randn(shape) * 3
+    cpu = click_walker(image, [centre], [1])
+    cuda = click_walker(image.cuda(), [centre], [1])
+    assert cuda.is_cuda and _dice(cuda.cpu() > 0.5, cpu > 0.5) > 0.99
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -22,6 +22,7 @@ from fastsam3d.roi import tile_origins
 from fastsam3d.session import SessionSettings
 from fastsam3d.stand_in import ThresholdModel
 from fastsam3d.state import Click
+from fastsam3d.walker_field import solve_walker_field
 
 DATA = Path(__file__).parent / "data"
 
@@ -589,6 +590,68 @@ def test_refinement_snaps_an_overshooting_mask_to_the_image_edge():
     np.testing.assert_array_equal(refined_session.redo(), refined)
 
 
+class Shrunk(Recorder):
+    """The stand-in with its logits lowered by 8 voxels: confident masks of the core only."""
+
+    def decode(self, embedding, points, labels, mask_input=None, multimask_output=False):
+        low, iou, mask = super().decode(embedding, points, labels, mask_input, multimask_output)
+        return low - 8, iou, mask
+
+
+def _ct(volume):
+    """The volume in Hounsfield-like units: air (-1000) around soft tissue (40)."""
+    return Volume(np.where(volume.array > 0, 40, -1000).astype(np.int16), volume.affine)
+
+
+def test_the_click_walker_gets_a_uniform_ball_the_model_under_segments():
+    mr, (truth,) = _balls(shape=(110, 110, 60), balls=((55, 52, 30, 12),))
+    volume = _ct(mr)
+    off = RefineSettings(click_walker="off")
+    alone = _session(volume, Shrunk(), refine=off).add_point((55, 52, 30))
+    session = _session(volume, Shrunk())
+    merged = session.add_point((55, 52, 30))
+    assert _dice(alone, truth) < 0.6 and _dice(merged, truth) > 0.9
+    box_mask = np.zeros_like(merged)
+    box_mask[session.last_update.box] = True
+    assert not (merged & ~box_mask).any()
+    assert session.undo().sum() == 0
+    np.testing.assert_array_equal(session.redo(), merged)
+    # a negative click inside the ball takes its side of the ball away again
+    cut = session.add_point((55, 52, 40), positive=False)
+    assert cut[55, 52, 39:].sum() == 0 and cut[55, 52, 30] and cut.sum() < merged.sum()
+    # by default only CT volumes get the walker; "on" runs it on any volume
+    assert np.array_equal(_session(mr, Shrunk()).add_point((55, 52, 30)), alone)
+    everywhere = RefineSettings(click_walker="on")
+    assert _dice(_session(mr, Shrunk(), refine=everywhere).add_point((55, 52, 30)), truth) > 0.9
+
+
+def test_a_volume_inside_the_click_walker_cube_needs_a_negative_click():
+    """No face of the cube lies inside a 120 mm volume: a single positive click has no
+    background, so the walker waits for a negative click."""
+    volume, (truth,) = _balls(shape=(60, 60, 60), balls=((30, 30, 30, 12),))
+    volume = _ct(volume)
+    alone = _session(volume, Shrunk(), refine=RefineSettings(click_walker="off"))
+    session = _session(volume, Shrunk())
+    np.testing.assert_array_equal(session.add_point((30, 30, 30)), alone.add_point((30, 30, 30)))
+    grown = session.add_point((5, 5, 5), positive=False)
+    assert _dice(grown, truth) > 0.9 > _dice(alone.add_point((5, 5, 5), positive=False), truth)
+
+
+def test_walker_field_samples_its_cube_and_bounds_its_support():
+    volume, (truth,) = _balls(shape=(160, 60, 60), balls=((30, 30, 30, 10),))
+    field = solve_walker_field(volume, [(30, 30, 30)], [True], RefineSettings())
+    everything = tuple(slice(0, n) for n in volume.shape)
+    prob = field.sample(everything)
+    assert _dice(prob > 0.5, truth) > 0.9
+    # the 192 mm cube spans x < 126 voxels of 2 mm around the click: nothing beyond it
+    assert prob[130:].max() == 0 and prob[:90].max() > 0.5
+    reach = field.source_box(0.5, volume.shape)
+    inside = np.zeros(volume.shape, dtype=bool)
+    inside[reach] = True
+    assert not ((prob > 0.5) & ~inside).any() and inside.sum() < truth.size / 4
+    assert solve_walker_field(volume, [(30, 30, 30)], [False], RefineSettings()) is None
+
+
 def test_thick_slices_are_not_refined():
     volume, _ = _balls(shape=(70, 64, 16), spacing=(1.0, 1.0, 5.0), balls=((34, 32, 8, 10),))
     plain = _session(volume, Dilated(), refine=None).add_point((34, 32, 8))
@@ -607,5 +670,9 @@ def test_refine_settings_round_trip_and_old_files_replay_without_it():
     old = SessionSettings().to_dict()
     del old["refine"]
     assert SessionSettings.from_dict(old).refine is None
+    before_walker = SessionSettings().to_dict()
+    del before_walker["refine"]["click_walker"]
+    assert SessionSettings.from_dict(before_walker).refine.click_walker == "off"
+    assert SessionSettings.from_dict(SessionSettings().to_dict()).refine.click_walker == "ct"
     with pytest.raises(InputError, match="refine"):
         SessionSettings(refine={"beta": 1.0})

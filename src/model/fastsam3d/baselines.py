@@ -11,9 +11,11 @@ after every click, returning a bool mask of the crop.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .refine import click_seeds
 from .walker import random_walker
 
 
@@ -50,17 +52,6 @@ class RandomWalkerSegmenter:
         return prob > 0.5
 
     def _seeds(self, points, labels) -> torch.Tensor:
-        shape = self.image.shape
-        seeds = torch.full(shape, -1, dtype=torch.int8, device=self.device)
-        for axis in range(3):
-            seeds.narrow(axis, 0, 1).fill_(0)
-            seeds.narrow(axis, shape[axis] - 1, 1).fill_(0)
-        axes = [torch.arange(n, device=self.device, dtype=torch.float32) for n in shape]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-        radius = max(self.radius / self.factor, 0.75)
-        for point, label in zip(points, labels, strict=True):
-            centre = torch.tensor(point, dtype=torch.float32, device=self.device)
-            centre = (centre + 0.5) / self.factor - 0.5
-            ball = (grid - centre).square().sum(-1) <= radius**2
-            seeds[ball] = int(label)
-        return seeds
+        coarse = [(np.asarray(p, dtype=np.float64) + 0.5) / self.factor - 0.5 for p in points]
+        radius = self.radius / self.factor
+        return click_seeds(self.image.shape, coarse, labels, radius, device=self.device)

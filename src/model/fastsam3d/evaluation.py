@@ -34,7 +34,7 @@ from .clicks import PROTOCOLS, protocol_click
 from .data import find_cases, normalize_intensity, preprocess_case
 from .errors import InputError
 from .geometry import MODEL_SPACING, voxel_sizes
-from .refine import RefineSettings, refine_mask
+from .refine import CLICK_SEED_MM, RefineSettings, click_walker, refine_mask
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ class SamSegmenter:
             the original image) and moves to the whole 1.5 mm crop, its clicks decoded again
             in order, once its logits reach the fine view's border.
         refine: snap each mask to the crop's edges (:func:`fastsam3d.refine.refine_mask`, on
-            the 1.5 mm crop); None keeps the thresholded logits.
+            the 1.5 mm crop); None keeps the thresholded logits. Its click walker (on CT by
+            default: the case's lowest value decides) runs on the crop pooled to
+            ``walker_step_mm``, every face of the crop background (the random-walker
+            baseline's setting).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class SamSegmenter:
         self.name = getattr(model.config, "name", "model")
         self.fine_spacing, self.fine_side = fine_spacing, None
         self.source_voxel_mm = (1.0, 1.0, 1.0)  # set per case by :func:`evaluate_case`
+        self.volume_minimum = 0.0  # the case image's lowest value, also set per case
         if fine_spacing is not None:
             self.fine_side = round(CROP * fine_spacing / MODEL_SPACING)
             if not 0 < self.fine_side < CROP:
@@ -108,6 +112,10 @@ class SamSegmenter:
         """Embed the normalised crop (X, Y, Z) (its fine view first, if the case's voxels
         allow: :func:`fastsam3d.zoom.uses_fine_grid`); forget the logits."""
         self.normalised = normalised
+        self.walker_image = None
+        if self.refine is not None and self.refine.walks_clicks(self.volume_minimum):
+            factor = self.walker_factor = max(1, round(self.refine.walker_step_mm / MODEL_SPACING))
+            self.walker_image = F.avg_pool3d(normalised[None, None].float(), factor)[0, 0]
         fine = zoom.uses_fine_grid(self.source_voxel_mm, MODEL_SPACING, self.fine_spacing)
         self._view(self.fine_side if fine else CROP)
 
@@ -142,11 +150,25 @@ class SamSegmenter:
             for count in range(1, len(points) + 1):
                 self.low_res = self._decode(points[:count], labels[:count])
         if self.refine is not None:
-            logits = self._crop_logits()
-            return refine_mask(self.normalised, logits, points, labels, settings=self.refine)
+            logits, walker = self._crop_logits(), self._click_walker(points, labels)
+            return refine_mask(
+                self.normalised, logits, points, labels, settings=self.refine, walker=walker
+            )
         if self.side == CROP and hasattr(self.model, "threshold_logits"):
             return self.model.threshold_logits(self.low_res)[0, 0].cpu()  # the model's own path
         return self._crop_logits() > getattr(self.model, "mask_threshold", 0.0)
+
+    def _click_walker(self, points, labels) -> torch.Tensor | None:
+        """The click walker's probability on the crop (None when it is off or has no seeds)."""
+        if self.walker_image is None:
+            return None
+        factor = self.walker_factor
+        coarse = [(np.asarray(p, dtype=np.float64) + 0.5) / factor - 0.5 for p in points]
+        radius = CLICK_SEED_MM / (factor * MODEL_SPACING)
+        prob = click_walker(self.walker_image, coarse, labels, radius=radius)
+        if prob is None:
+            return None
+        return F.interpolate(prob[None, None], size=(CROP,) * 3, mode="trilinear")[0, 0]
 
     def _crop_logits(self) -> torch.Tensor:
         """The logits upsampled to the crop's voxels (very negative outside the view)."""
@@ -216,6 +238,8 @@ def evaluate_case(segmenter, case, options, case_index: int, clip=None) -> list[
     labels, ids, image = arrays["labels"], arrays["ids"], arrays["image"]
     if hasattr(segmenter, "source_voxel_mm"):
         segmenter.source_voxel_mm = source_voxel_mm(case)
+    if hasattr(segmenter, "volume_minimum"):
+        segmenter.volume_minimum = float(image.min())
     results = []
     for compact, value in enumerate(ids):
         if compact == 0 or (options.structures and int(value) not in options.structures):

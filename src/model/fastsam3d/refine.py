@@ -8,6 +8,13 @@ its boundary: :func:`fastsam3d.walker.random_walker` with ``sigmoid(logits)`` as
 clicks as seeds (positive 1, negative 0), solved on the bounding box of the band. It runs on
 whatever grid it is given: the 1.5 mm crop in ``fastsam3d eval --refine``, the volume's own
 voxels in a :class:`fastsam3d.Session`.
+
+On CT a second opinion enters the prior first (``RefineSettings.click_walker``): the plain
+random walker from the clicks alone (:func:`click_walker`, the random-walker baseline on a
+192 mm cube of 3 mm voxels). The prior is their noisy OR, ``1 - (1 - p_model)(1 - p_walker)``:
+a first click in a large, uniform organ, where the model's mask covers only a part, gets the
+organ. On T1 brain MR the same walker leaked out of the subcortical structures, so by default
+it runs only on CT (docs/RESULTS.md, "Click walker").
 """
 
 from __future__ import annotations
@@ -23,6 +30,16 @@ import torch.nn.functional as F
 from .errors import InputError
 from .geometry import MODEL_SPACING
 from .walker import random_walker
+
+CLICK_WALKER_MODES = ("ct", "on", "off")
+CT_AIR_BELOW = -500.0
+"""A volume with intensities below this holds air in Hounsfield units: a CT."""
+
+
+def looks_like_ct(volume_minimum: float) -> bool:
+    """Whether a volume with this lowest intensity is a CT in Hounsfield units (air about
+    -1000; MR and most other images have no negative values)."""
+    return float(volume_minimum) < CT_AIR_BELOW
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,12 @@ class RefineSettings:
             interpolated back.
         iterations: conjugate-gradient iterations at most.
         tolerance: stop when the residual falls below this fraction of the right-hand side.
+        click_walker: merge the plain random walker from the clicks into the prior
+            (:func:`click_walker`): ``"ct"`` on CT volumes only (:func:`looks_like_ct`),
+            ``"on"`` everywhere, ``"off"`` never (also in prompt files written before it
+            existed).
+        walker_step_mm: voxel side of the click walker's grid.
+        walker_side: voxels per side of its cube (64 x 3 mm: the 192 mm of a 1.5 mm ROI).
     """
 
     beta: float = 10.0
@@ -56,6 +79,15 @@ class RefineSettings:
     max_voxels: int = 80**3
     iterations: int = 200
     tolerance: float = 1e-2
+    click_walker: str = "ct"
+    walker_step_mm: float = 3.0
+    walker_side: int = 64
+
+    def walks_clicks(self, volume_minimum: float) -> bool:
+        """Whether the click walker runs on a volume with this lowest intensity."""
+        if self.click_walker == "ct":
+            return looks_like_ct(volume_minimum)
+        return self.click_walker == "on"
 
     def __post_init__(self) -> None:
         if not (self.beta >= 0 and self.prior_weight > 0 and 0 < self.band < 0.5):
@@ -67,6 +99,12 @@ class RefineSettings:
             raise InputError("max_voxels and iterations must be >= 1, margin_mm and seed_mm >= 0")
         if not self.max_spacing_mm > 0:
             raise InputError(f"max_spacing_mm must be positive, got {self.max_spacing_mm}")
+        if self.click_walker not in CLICK_WALKER_MODES:
+            raise InputError(
+                f"click_walker must be one of {CLICK_WALKER_MODES}, got {self.click_walker!r}"
+            )
+        if not (self.walker_step_mm > 0 and self.walker_side >= 2):
+            raise InputError("walker_step_mm must be positive and walker_side at least 2")
 
 
 def refine_mask(
@@ -76,6 +114,7 @@ def refine_mask(
     labels: Sequence[int],
     spacing: Sequence[float] = (MODEL_SPACING,) * 3,
     settings: RefineSettings | None = None,
+    walker: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The refined mask (bool, the shape of ``image``).
 
@@ -86,12 +125,18 @@ def refine_mask(
         labels: 1 for a positive click, 0 for a negative one.
         spacing: voxel sizes in mm.
         settings: :class:`RefineSettings`.
+        walker: (X, Y, Z) the click walker's probability on the same voxels
+            (:func:`click_walker`), merged into the prior by a noisy OR; None: the model alone.
     """
     settings = settings or RefineSettings()
     if image.shape != logits.shape or image.dim() != 3:
         raise InputError(f"image {tuple(image.shape)} and logits {tuple(logits.shape)} differ")
-    mask = logits > 0
     prob = torch.sigmoid(logits.float())
+    if walker is not None:
+        if walker.shape != prob.shape:
+            raise InputError(f"walker {tuple(walker.shape)} and logits {tuple(prob.shape)} differ")
+        prob = 1 - (1 - prob) * (1 - walker.float().clamp(0, 1))
+    mask = logits > 0 if walker is None else prob > 0.5
     band = (prob > settings.band) & (prob < 1 - settings.band)
     box = _band_box(band, spacing, settings.margin_mm)
     if box is None:
@@ -101,8 +146,8 @@ def refine_mask(
     factors = coarsening(sub_image.shape, spacing, settings.max_voxels)
     shape = sub_image.shape
     if any(f > 1 for f in factors):
-        sub_image = _pool(sub_image, factors)
-        sub_prob = _pool(sub_prob, factors)
+        sub_image = block_mean(sub_image, factors)
+        sub_prob = block_mean(sub_prob, factors)
     steps = [h * f for h, f in zip(spacing, factors, strict=True)]
     seeds = torch.full(sub_image.shape, -1, dtype=torch.int8, device=image.device)
     reach = [int(settings.seed_mm // h) for h in steps]
@@ -145,7 +190,7 @@ def coarsening(shape, spacing: Sequence[float], max_voxels: int) -> list[int]:
     return factors
 
 
-def _pool(array: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+def block_mean(array: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     """Block means over ``factors`` (the last partial block averaged over what it has)."""
     pads = []
     for n, f in zip(reversed(array.shape), reversed(factors), strict=True):
@@ -167,3 +212,111 @@ def _band_box(band: torch.Tensor, spacing: Sequence[float], margin_mm: float):
         hi = min(int(hits[-1]) + 1 + grow, band.shape[axis])
         box.append(slice(lo, hi))
     return tuple(box)
+
+
+CLICK_WALKER_BETA = 90.0
+"""Edge sensitivity of the click walker (the random-walker baseline's)."""
+CLICK_SEED_MM = 4.5
+"""Radius of the ball each click fixes in the click walker (the baseline's 3 voxels of 1.5 mm)."""
+
+
+COARSEST_SIDE = 16
+"""The click walker's grids are halved along every axis at least this long."""
+COARSEST_ITERATIONS = 2000
+"""Iteration cap of the coarsest grid's solve (at most 15^3 voxels: a few milliseconds)."""
+
+
+def click_seeds(
+    shape, points, labels, radius: float, closed_faces=None, device=None
+) -> torch.Tensor:
+    """Seeds (int8: 1 foreground, 0 background, -1 unknown) of a plain random walker.
+
+    Every click fixes the voxels within ``radius`` (at least its nearest voxel) to its label;
+    the faces marked in ``closed_faces`` ((3, 2) booleans, low and high face per axis; None:
+    all) are background.
+    """
+    seeds = torch.full(tuple(shape), -1, dtype=torch.int8, device=device)
+    faces = np.ones((3, 2), dtype=bool) if closed_faces is None else np.asarray(closed_faces)
+    for axis in range(3):
+        if faces[axis, 0]:
+            seeds.narrow(axis, 0, 1).fill_(0)
+        if faces[axis, 1]:
+            seeds.narrow(axis, shape[axis] - 1, 1).fill_(0)
+    radius = max(float(radius), 0.75)
+    for point, label in zip(points, labels, strict=True):
+        centre = np.asarray(point, dtype=np.float64)
+        lo = np.maximum(np.ceil(centre - radius).astype(int), 0)
+        hi = np.minimum(np.floor(centre + radius).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        axes = [
+            (torch.arange(a, b, dtype=torch.float64, device=device) - c).square()
+            for a, b, c in zip(lo, hi, centre, strict=True)
+        ]
+        distance = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        seeds[box][distance <= radius**2] = int(bool(label))
+    return seeds
+
+
+def click_walker(
+    image: torch.Tensor,
+    points,
+    labels,
+    closed_faces=None,
+    radius: float = CLICK_SEED_MM / 3.0,
+    tolerance: float = 1e-2,
+    iterations: int = 300,
+) -> torch.Tensor | None:
+    """The plain random walker from the clicks: the probability that a walk from each voxel
+    meets a positive click before a negative click or a closed face of the box.
+
+    Solved coarse to fine: the solution on a grid twice as coarse along every axis of at
+    least :data:`COARSEST_SIDE` voxels (recursively; the coarsest grid is solved to
+    convergence) starts the solve, so that the probability has already spread through large
+    uniform regions: a residual test alone stops a solve from zero long before that.
+
+    Args:
+        image: (X, Y, Z) intensities on an isotropic grid (clipped as the model sees them).
+        points: click positions in voxel coordinates of ``image``.
+        labels: 1 for a positive click, 0 for a negative one.
+        closed_faces: (3, 2) booleans, the faces of the box that count as background (None:
+            all); faces at the volume's edge should be open.
+        radius: seed ball radius in voxels.
+        tolerance, iterations: of the conjugate-gradient solve on the finest grid.
+
+    Returns:
+        (X, Y, Z) probabilities, or None without a positive click in the box or without any
+        background (no closed face and no negative click in the box).
+    """
+    seeds = click_seeds(image.shape, points, labels, radius, closed_faces, image.device)
+    if not bool((seeds == 1).any()) or not bool((seeds == 0).any()):
+        return None
+    factors = [2 if n >= COARSEST_SIDE else 1 for n in image.shape]
+    if all(f == 1 for f in factors):  # the coarsest grid: solved to convergence, cheaply
+        return random_walker(
+            image, seeds, beta=CLICK_WALKER_BETA, iterations=COARSEST_ITERATIONS, tol=1e-6
+        )
+    coarse_points = [
+        [(c + 0.5) / f - 0.5 for c, f in zip(point, factors, strict=True)] for point in points
+    ]
+    coarse = click_walker(
+        block_mean(image.float(), factors),
+        coarse_points,
+        labels,
+        closed_faces,
+        radius / 2,
+        tolerance,
+        iterations,
+    )
+    initial = None
+    if coarse is not None:
+        initial = F.interpolate(coarse[None, None], size=tuple(image.shape), mode="trilinear")[0, 0]
+    return random_walker(
+        image,
+        seeds,
+        beta=CLICK_WALKER_BETA,
+        iterations=iterations,
+        tol=tolerance,
+        initial=initial,
+    )

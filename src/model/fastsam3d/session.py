@@ -35,8 +35,12 @@ from .state import (
     check_labels,
     check_point,
 )
+from .walker_field import WalkerField, solve_walker_field
 
 logger = logging.getLogger(__name__)
+
+UNKNOWN_LOGIT = -30.0
+"""Logit given to lattice cells no ROI has decoded, where the click walker may still reach."""
 
 __all__ = ["Session", "SessionSettings", "Update"]
 
@@ -100,6 +104,7 @@ class Session:
             )
         self._committed: list[CommittedObject] = []
         self._object = self._new_object()
+        self._minimum: float | None = None  # the volume's, once the click walker asks
         self.last_update = Update()
 
     # ------------------------------------------------------------------ properties
@@ -485,13 +490,17 @@ class Session:
         obj = self._object
         grid = self.volume.model_grid(obj.spacing)
         refine = self._refine_settings()
-        render = stale = None
+        render = stale = walker = None
         if cells is not None and refine is not None:
             everything = tuple(slice(0, n) for n in obj.field.logits.shape)
             band = obj.field.positive_cells(
                 everything, float(np.log(refine.band / (1 - refine.band)))
             )
             render = None if band is None else self._grow(obj.field.source_box(band, grid), refine)
+            walker = self._walker_field(refine)
+            if walker is not None:
+                reach = walker.source_box(refine.band, self.volume.shape)
+                render = union_box(render, None if reach is None else self._grow(reach, refine))
             stale = obj.touched
         elif cells is not None:
             changed = obj.field.source_box(cells, grid)
@@ -507,7 +516,7 @@ class Session:
         if stale is not None:
             self._mask[stale] = False
         if render is not None and refine is not None:
-            self._mask[render] = self._refined(grid, render, refine)
+            self._mask[render] = self._refined(grid, render, refine, walker)
         elif render is not None:
             self._mask[render] = obj.field.render(grid, render)
         obj.touched = union_box(obj.touched, render)
@@ -521,17 +530,25 @@ class Session:
             return None
         return refine
 
-    def _refined(self, grid, box: Box, refine: RefineSettings) -> np.ndarray:
-        """The current object's mask on a source box, snapped to image edges."""
+    def _refined(
+        self, grid, box: Box, refine: RefineSettings, walker: WalkerField | None
+    ) -> np.ndarray:
+        """The current object's mask on a source box, snapped to image edges.
+
+        Without the click walker the mask stays where the model's logits are known; with it,
+        unknown logits count as background and the walker may reach beyond them.
+        """
         obj = self._object
         logits, known = obj.field.sample(grid, box)
         image = self.volume.array[box].astype(np.float32)
         if self._clip is not None:
             image = np.clip(image, *self._clip)
         start = np.array([s.start for s in box])
-        # the walker runs on CUDA when the session does, else on the CPU: MPS lacked
-        # avg_pool3d and trilinear upsampling in some torch releases this project supports
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        device = self._walker_device()
+        prior = None
+        if walker is not None:
+            logits = np.where(known, logits, UNKNOWN_LOGIT).astype(np.float32)
+            prior = torch.from_numpy(walker.sample(box)).to(device)
         mask = refine_mask(
             torch.from_numpy(image).to(device),
             torch.from_numpy(logits).to(device),
@@ -539,8 +556,35 @@ class Session:
             [c.positive for c in obj.clicks],
             self.volume.spacing,
             refine,
+            walker=prior,
         )
-        return mask.cpu().numpy() & known
+        mask = mask.cpu().numpy()
+        return mask if walker is not None else mask & known
+
+    def _volume_minimum(self) -> float:
+        if self._minimum is None:
+            self._minimum = float(np.min(self.volume.array))
+        return self._minimum
+
+    def _walker_device(self) -> torch.device:
+        # the walkers run on CUDA when the session does, else on the CPU: MPS lacked
+        # avg_pool3d and trilinear upsampling in some torch releases this project supports
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _walker_field(self, refine: RefineSettings) -> WalkerField | None:
+        """The current object's click walker (:mod:`fastsam3d.walker_field`), if it has one."""
+        clicks = self._object.clicks
+        if not clicks or not refine.walks_clicks(self._volume_minimum()):
+            return None
+        return solve_walker_field(
+            self.volume,
+            [c.point for c in clicks],
+            [c.positive for c in clicks],
+            refine,
+            self._clip,
+            self._walker_device(),
+            self._settings.spacing,
+        )
 
     def _grow(self, box: Box, refine: RefineSettings) -> Box:
         """``box`` grown by the refinement's margin (clamped to the volume)."""

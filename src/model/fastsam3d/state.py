@@ -52,9 +52,10 @@ class SessionSettings:
         max_undo: undo levels kept per object.
         refine: snap the current object's mask to image edges on the volume's own voxels: a
             random walker with the model's probability as prior and the clicks as seeds
-            (:mod:`fastsam3d.refine`); None shows the thresholded logits. On the held-out CT it
-            raised the mean Dice after 5 clicks by about 0.16 (docs/RESULTS.md). Volumes with
-            voxels longer than ``refine.max_spacing_mm`` are not refined.
+            (:mod:`fastsam3d.refine`), on CT merged first with the plain random walker from the
+            clicks (``refine.click_walker``); None shows the thresholded logits. On the
+            held-out CT it raised the mean Dice after 5 clicks by about 0.16 (docs/RESULTS.md).
+            Volumes with voxels longer than ``refine.max_spacing_mm`` are not refined.
     """
 
     point_policy: str = "all"
@@ -109,11 +110,13 @@ class SessionSettings:
         values = {k: v for k, v in data.items() if k in names}
         if isinstance(values.get("intensity_clip"), list):
             values["intensity_clip"] = tuple(values["intensity_clip"])
-        # files written before the refinement existed replay without it, as they were made
+        # files written before the refinement (or its click walker) existed replay without
+        # it, as they were made
         refine = values.get("refine")
         if isinstance(refine, dict):
             known = {f.name for f in dataclasses.fields(RefineSettings)}
-            refine = RefineSettings(**{k: v for k, v in refine.items() if k in known})
+            refine = {"click_walker": "off", **{k: v for k, v in refine.items() if k in known}}
+            refine = RefineSettings(**refine)
         values["refine"] = refine
         return cls(**values)
 

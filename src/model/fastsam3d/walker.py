@@ -74,6 +74,7 @@ def random_walker(
     spacing: Sequence[float] | None = None,
     iterations: int = 300,
     tol: float = 1e-4,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Probability that a random walker from each voxel first reaches a foreground seed.
 
@@ -89,6 +90,8 @@ def random_walker(
         iterations: conjugate-gradient iterations at most.
         tol: stop when the residual norm falls below ``tol`` times the right-hand side's
             (checked every :data:`CHECK_EVERY` steps).
+        initial: (X, Y, Z) where the solve starts (default: the prior, else zeros), e.g. the
+            solution on a coarser grid upsampled.
 
     Returns:
         (X, Y, Z) float probabilities in [0, 1] (seeds keep their value).
@@ -105,6 +108,8 @@ def random_walker(
         x = prior * unknown
     else:
         x = torch.zeros_like(rhs)
+    if initial is not None:
+        x = initial.float() * unknown
     rhs.mul_(unknown)
     inverse_diag = unknown / diagonal.clamp(min=1e-12)
 
