@@ -157,10 +157,10 @@ def test_prompts_file_replays_and_save_prompts(ct, tmp_path, stand_in):
     assert [o["committed"] for o in doc["objects"]] == [True, True]
 
 
-def _saved_prompts(ct, tmp_path, flag: str) -> dict[bool, dict]:
+def _saved_prompts(ct, tmp_path, *flag: str) -> dict[bool, dict]:
     """The prompt files of one click on the rib, without and with ``flag``."""
     saved = {}
-    for flags in ([], [flag]):
+    for flags in ([], list(flag)):
         prompts = tmp_path / f"p{len(flags)}.json"
         argv = ["segment", str(ct), "--point", ",".join(map(str, RIB)), "-o"]
         argv += [str(tmp_path / f"o{len(flags)}.nii.gz"), "--save-prompts", str(prompts), *flags]
@@ -180,6 +180,21 @@ def test_no_refine_is_saved_with_the_prompts(ct, tmp_path, stand_in):
     saved = _saved_prompts(ct, tmp_path, "--no-refine")
     assert saved[True]["settings"]["refine"] is None
     assert saved[False]["settings"]["refine"]["beta"] > 0
+
+
+def test_click_walker_mode_is_saved_with_the_prompts(ct, tmp_path, stand_in):
+    from fastsam3d.refine import CLICK_WALKER_MODES
+
+    saved = _saved_prompts(ct, tmp_path, "--click-walker", "off")
+    assert saved[True]["settings"]["refine"]["click_walker"] == "off"
+    assert saved[False]["settings"]["refine"]["click_walker"] == "ct"
+    parser = cli.build_parser()
+    segment = next(
+        a
+        for a in parser._subparsers._group_actions[0].choices["segment"]._actions
+        if a.dest == "click_walker"
+    )
+    assert tuple(segment.choices) == CLICK_WALKER_MODES
 
 
 def test_refuses_to_overwrite_the_input(ct, stand_in, capsys):

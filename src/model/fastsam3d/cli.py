@@ -10,6 +10,7 @@ train, distill) in :data:`EXTERNAL_COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -111,6 +112,12 @@ def _add_segment(sub) -> None:
         help="show the model's thresholded logits (default: snap each mask to image edges with "
         "a random walker that takes the model's probability as prior)",
     )
+    p.add_argument(
+        "--click-walker",
+        choices=("ct", "on", "off"),  # fastsam3d.refine.CLICK_WALKER_MODES (imports torch)
+        help="merge a plain random walker from the clicks into the refinement's prior: on CT "
+        "volumes only (ct, the default), on every volume (on) or never (off)",
+    )
     p.add_argument("--save-prompts", metavar="FILE.json", help="also write the prompts as JSON")
     p.set_defaults(func=_run_segment)
 
@@ -135,6 +142,9 @@ def _run_segment(args) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_refine:
         overrides["refine"] = None
+    elif args.click_walker is not None and session.settings.refine is not None:
+        refine = dataclasses.replace(session.settings.refine, click_walker=args.click_walker)
+        overrides["refine"] = refine
     session.settings = session.settings.replace(**overrides)
     for point, positive in args.point:
         session.add_point_result(point, positive)
