@@ -111,6 +111,7 @@ def plot_example_masks(args, out: Path) -> Path:
     segmenter.source_voxel_mm = source_voxel_mm(case)
     arrays = preprocess_case(case)
     labels, ids, image = arrays["labels"], list(arrays["ids"]), arrays["image"]
+    segmenter.volume_minimum = float(image.min())  # the click walker runs on CT
     shown = [int(s) for s in args.structures.split(",")]
     counts = [int(c) for c in args.show_clicks.split(",")]
     fig, axes = plt.subplots(len(shown), len(counts), figsize=(3 * len(counts), 3 * len(shown)))
@@ -136,6 +137,7 @@ def plot_example_masks(args, out: Path) -> Path:
             ax.axis("off")
     zoom = ", fine-to-coarse zoom" if args.fine_spacing else ""
     zoom += ", edge refinement" if args.refine else ""
+    zoom += " with the click walker" if args.refine and refine.walks_clicks(image.min()) else ""
     fig.suptitle(f"green: reference label, red: model mask (cvpr25 clicks{zoom})", fontsize=9)
     return save(fig, out / "example_masks.png", dpi=110)
 

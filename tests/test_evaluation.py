@@ -172,9 +172,34 @@ def test_refinement_in_eval_snaps_to_the_crop_edges(dataset, tmp_path):
     args = _args(dataset, tmp_path, weights, "cvpr25")
     args.refine = True
     args.func(args)
-    assert json.loads((tmp_path / "out.json").read_text())["refine"] is True
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["refine"] is True and report["click_walker"] == "ct"
     with pytest.raises(E.InputError, match="--refine"):
         E.build_segmenter("random-walker", "cvpr25", "cpu", refine=True)
+
+
+class CoreBall(SoftBall):
+    """A fake model whose confident mask is a 12 mm ball in the middle of the crop."""
+
+    def decode(self, embedding, points, labels, mask_input=None, return_mask=True):
+        low, _, _ = super().decode(embedding, points, labels, mask_input, return_mask)
+        return (low * 3 - 8) * 4, None, None
+
+
+def test_click_walker_in_eval_runs_on_ct_cases():
+    """An organ of 45 voxels' radius in air: the model's core alone scores low; on a CT case
+    (lowest value below -500) the click walker adds the organ, elsewhere it stays off."""
+    axes = torch.arange(128, dtype=torch.float32)
+    distance = (torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij")) - 64).square()
+    gt = (distance.sum(0).sqrt() < 45).numpy()
+    image = np.where(gt, 40.0, -1000.0).astype(np.float32)
+    dice = {}
+    for minimum in (-1000.0, 0.0):
+        segmenter = E.SamSegmenter(CoreBall(), newest_only=False, refine=RefineSettings())
+        segmenter.volume_minimum = minimum
+        rng = np.random.default_rng(0)
+        dice[minimum] = E.evaluate_structure(segmenter, image, gt, 1, "cvpr25", rng)[0][0]
+    assert dice[0.0] < 0.3 and dice[-1000.0] > 0.9
 
 
 def test_random_walker_baseline_on_the_same_clicks_scores_well(dataset, tmp_path):

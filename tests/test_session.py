@@ -43,10 +43,10 @@ class Recorder(ThresholdModel):
         out = super().decode(embedding, points, labels, mask_input, multimask_output)
         self.decodes.append(
             {
-                "points": points[0].numpy().copy(),
-                "labels": labels[0].numpy().copy(),
-                "mask_input": None if mask_input is None else mask_input[0, 0].numpy().copy(),
-                "low": out[0][0, 0].numpy().copy(),
+                "points": points[0].cpu().numpy().copy(),
+                "labels": labels[0].cpu().numpy().copy(),
+                "mask_input": None if mask_input is None else mask_input[0, 0].cpu().numpy() + 0,
+                "low": out[0][0, 0].cpu().numpy().copy(),
             }
         )
         return out
@@ -64,11 +64,15 @@ def _balls(shape=(70, 64, 60), spacing=(2.0, 2.0, 2.0), balls=((30, 30, 28, 9),)
     return Volume(array, np.diag([*spacing, 1.0])), truths
 
 
-def _session(volume, model=None, **settings):
+def _session(volume, model=None, device="cpu", **settings):
     """A session on the coarse grid only, unless the test asks for ``fine_spacing``."""
     settings.setdefault("fine_spacing", None)
     return Session(
-        model or Recorder(), volume, cache=EmbeddingCache(), settings=SessionSettings(**settings)
+        model or Recorder(),
+        volume,
+        device,
+        cache=EmbeddingCache(),
+        settings=SessionSettings(**settings),
     )
 
 
@@ -623,6 +627,15 @@ def test_the_click_walker_gets_a_uniform_ball_the_model_under_segments():
     assert np.array_equal(_session(mr, Shrunk()).add_point((55, 52, 30)), alone)
     everywhere = RefineSettings(click_walker="on")
     assert _dice(_session(mr, Shrunk(), refine=everywhere).add_point((55, 52, 30)), truth) > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_session_with_the_click_walker_agrees_with_cpu():
+    mr, (truth,) = _balls(shape=(110, 110, 60), balls=((55, 52, 30, 12),))
+    volume = _ct(mr)
+    cpu = _session(volume, ThresholdModel()).add_point((55, 52, 30))
+    cuda = _session(volume, ThresholdModel(), device="cuda").add_point((55, 52, 30))
+    assert _dice(cuda, cpu) > 0.99 and _dice(cuda, truth) > 0.9
 
 
 def test_a_volume_inside_the_click_walker_cube_needs_a_negative_click():

@@ -386,6 +386,9 @@ def evaluate(options: argparse.Namespace) -> dict:
         "scoring": options.scoring,
         "fine_spacing": fine,
         "refine": refine,
+        "click_walker": segmenter.refine.click_walker
+        if getattr(segmenter, "refine", None)
+        else None,
         "oracle": bool(getattr(segmenter, "oracle", False)),
         "results": results,
         "summary": summarise(results),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .geometry import MODEL_SPACING
-from .walker import random_walker
+from .walker import random_walker, random_walker_exact
 
 CLICK_WALKER_MODES = ("ct", "on", "off")
 CT_AIR_BELOW = -500.0
@@ -222,8 +222,6 @@ CLICK_SEED_MM = 4.5
 
 COARSEST_SIDE = 16
 """The click walker's grids are halved along every axis at least this long."""
-COARSEST_ITERATIONS = 2000
-"""Iteration cap of the coarsest grid's solve (at most 15^3 voxels: a few milliseconds)."""
 
 
 def click_seeds(
@@ -272,9 +270,10 @@ def click_walker(
     meets a positive click before a negative click or a closed face of the box.
 
     Solved coarse to fine: the solution on a grid twice as coarse along every axis of at
-    least :data:`COARSEST_SIDE` voxels (recursively; the coarsest grid is solved to
-    convergence) starts the solve, so that the probability has already spread through large
-    uniform regions: a residual test alone stops a solve from zero long before that.
+    least :data:`COARSEST_SIDE` voxels (recursively; the coarsest grid is solved exactly by
+    :func:`fastsam3d.walker.random_walker_exact`) starts the solve, so that the probability
+    has already spread through large uniform regions: a residual test alone stops a solve
+    from zero long before that.
 
     Args:
         image: (X, Y, Z) intensities on an isotropic grid (clipped as the model sees them).
@@ -293,10 +292,8 @@ def click_walker(
     if not bool((seeds == 1).any()) or not bool((seeds == 0).any()):
         return None
     factors = [2 if n >= COARSEST_SIDE else 1 for n in image.shape]
-    if all(f == 1 for f in factors):  # the coarsest grid: solved to convergence, cheaply
-        return random_walker(
-            image, seeds, beta=CLICK_WALKER_BETA, iterations=COARSEST_ITERATIONS, tol=1e-6
-        )
+    if all(f == 1 for f in factors):  # the coarsest grid: solved exactly
+        return random_walker_exact(image, seeds, beta=CLICK_WALKER_BETA)
     coarse_points = [
         [(c + 0.5) / f - 0.5 for c, f in zip(point, factors, strict=True)] for point in points
     ]
