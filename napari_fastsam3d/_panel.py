@@ -50,9 +50,10 @@ PRECISION_HELP = (
 REFINE_HELP = (
     "Snap each mask to the image's edges: a random walker on the volume's own voxels takes the "
     "model's probability as prior and the clicks as seeds. On the held-out CT it raised the mean "
-    "Dice after 5 clicks from 0.58 to 0.73. Volumes with voxels longer than 3 mm (thick "
-    "slices, where it dissolved first masks) are not refined. Off shows the model's "
-    "thresholded logits."
+    "Dice after 5 clicks from 0.58 to 0.73. On CT a plain random walker from the clicks joins "
+    "the prior, so that a click into a large uniform organ gets the whole organ. Volumes with "
+    "voxels longer than 3 mm (thick slices, where it dissolved first masks) are not refined. "
+    "Off shows the model's thresholded logits."
 )
 
 
