@@ -183,7 +183,8 @@ def report(shown, hidden, warmup: int, refine: bool) -> str:
         f"volume {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 at {SPACING} mm, "
         "FastSAM3D architecture (`prepare_inference()`, as the plugin loads it) with random "
         "weights whose mask is a 30 mm ball (see the script); session defaults, edge "
-        f"refinement {'on' if refine else 'off (`--no-refine`)'}.",
+        f"refinement {'on' if refine else 'off (`--no-refine`)'}"
+        f"{' (with the click walker: the volume is CT-like)' if refine else ''}.",
         f"Medians of {len(shown) - warmup} clicks after {warmup} warm-up click(s); each click "
         "starts a new object in an already encoded ROI (decoder only); plugin and reference "
         "clicks alternate. *Drawn*: napari's window is shown (Xvfb, Mesa llvmpipe: OpenGL "

@@ -74,6 +74,7 @@ class Engine:
         self.device: str | None = None
         self.session: Any = None
         self.refine = True
+        self.click_walker = "ct"
         self._prompts: list[Prompt] = []
         self._redo: list[Prompt] = []
         self._touched: Box | None = None
@@ -292,6 +293,21 @@ class Engine:
     def set_refine(self, enabled: bool) -> Change | None:
         """Snap masks to image edges or not (:mod:`fastsam3d.refine`); re-renders the object."""
         self.refine = bool(enabled)
+        return self._rerender()
+
+    def set_click_walker(self, mode: str) -> Change | None:
+        """When the snapping adds the click walker (``RefineSettings.click_walker``: "ct",
+        "on" or "off"); re-renders the object."""
+        from fastsam3d.errors import InputError
+        from fastsam3d.refine import CLICK_WALKER_MODES
+
+        if mode not in CLICK_WALKER_MODES:
+            raise InputError(f"click walker mode must be one of {CLICK_WALKER_MODES}, got {mode!r}")
+        self.click_walker = mode
+        return self._rerender()
+
+    def _rerender(self) -> Change | None:
+        """Apply :meth:`_settings` to the session and render the current object again."""
         if self.session is None:
             return None
         self.session.settings = self._settings()
@@ -302,7 +318,8 @@ class Engine:
         from fastsam3d.session import SessionSettings
 
         current = SessionSettings() if self.session is None else self.session.settings
-        return current.replace(refine=RefineSettings() if self.refine else None)
+        refine = RefineSettings(click_walker=self.click_walker) if self.refine else None
+        return current.replace(refine=refine)
 
     def current_change(self) -> Change:
         """The current state, for resynchronising the GUI after a failure."""

@@ -56,6 +56,15 @@ REFINE_HELP = (
     "Off shows the model's thresholded logits."
 )
 
+WALKER_CHOICES = (("on CT", "ct"), ("always", "on"), ("never", "off"))
+WALKER_HELP = (
+    "Before snapping, a plain random walker from the clicks (192 mm around them) adds the "
+    "uniform region a click lies in, so that a first click into the liver gets the liver (on "
+    "the held-out CT the first click's mean Dice rose from 0.31 to 0.52). By default on CT "
+    "only: on T1 brain MR it leaked out of the subcortical structures. Part of the snapping: "
+    "off when snapping is off."
+)
+
 
 class Panel(QWidget):
     """The widget's controls. Subclasses implement the handlers named in :meth:`_connect_panel`."""
@@ -82,6 +91,10 @@ class Panel(QWidget):
         self.refine_box = QCheckBox("Snap masks to image edges")
         self.refine_box.setChecked(True)
         self.refine_box.setToolTip(REFINE_HELP)
+        self.walker_combo = QComboBox()
+        for text, mode in WALKER_CHOICES:
+            self.walker_combo.addItem(text, mode)
+        self.walker_combo.setToolTip(WALKER_HELP)
         self.commit_button = QPushButton("Commit / next object (N)")
         self.undo_button = QPushButton("Undo (Ctrl+Z)")
         self.redo_button = QPushButton("Redo (Ctrl+Shift+Z)")
@@ -119,6 +132,10 @@ class Panel(QWidget):
             main.addLayout(item)
         main.addWidget(self.negative_box)
         main.addWidget(self.refine_box)
+        walker_row = QHBoxLayout()
+        walker_row.addWidget(QLabel("grow into uniform regions"))
+        walker_row.addWidget(self.walker_combo)
+        main.addLayout(walker_row)
         main.addLayout(actions)
         main.addWidget(QLabel("objects"))
         main.addWidget(self.table)
@@ -135,6 +152,7 @@ class Panel(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.negative_box.toggled.connect(self._on_polarity_toggled)
         self.refine_box.toggled.connect(self._on_refine_toggled)
+        self.walker_combo.currentIndexChanged.connect(self._on_walker_chosen)
         self.commit_button.clicked.connect(self.commit)
         self.undo_button.clicked.connect(self.undo)
         self.redo_button.clicked.connect(self.redo)

@@ -395,7 +395,11 @@ class FastSAM3DWidget(Panel):
             _prompts.set_default_polarity(self.prompts_layer, not negative)
 
     def _on_refine_toggled(self, enabled: bool) -> None:
+        self.walker_combo.setEnabled(bool(enabled))
         self.worker.set_refine(enabled)
+
+    def _on_walker_chosen(self, _index: int) -> None:
+        self.worker.set_click_walker(self.walker_combo.currentData())
 
     def _on_visibility_changed(self, object_id: int, visible: bool) -> None:
         record = self.state.objects.get(object_id)

@@ -110,6 +110,10 @@ class ModelWorker:
         """Snap masks to image edges or not; the current object is shown again."""
         self._post(_Task("set_refine", (bool(enabled),)))
 
+    def set_click_walker(self, mode: str) -> None:
+        """When the snapping adds a plain random walker from the clicks ("ct", "on", "off")."""
+        self._post(_Task("set_click_walker", (str(mode),)))
+
     def cancel(self) -> None:
         """Cancel the running download or encoding (the next progress check raises)."""
         self._cancel.set()
@@ -211,6 +215,9 @@ class ModelWorker:
 
     def _do_set_refine(self, enabled: bool) -> None:
         self._send_resync(self.engine.set_refine(enabled))
+
+    def _do_set_click_walker(self, mode: str) -> None:
+        self._send_resync(self.engine.set_click_walker(mode))
 
     def _do_commit(self) -> None:
         self._send(Committed(*self.engine.commit()))

@@ -112,6 +112,24 @@ def test_snap_to_edges_toggle_renders_the_object_again(qtbot, blob_viewer):
     wait_for_labels(qtbot, widget, lambda d: np.array_equal(d, snapped))
 
 
+def test_click_walker_mode_follows_the_panel(qtbot, blob_viewer, stand_in):
+    widget = dock(blob_viewer)
+    ready(qtbot, widget, stand_in)
+    engine = widget.worker.engine
+    assert widget.walker_combo.currentData() == "ct"
+    click(blob_viewer, widget, (20, 18, 12))
+    wait_for_labels(qtbot, widget, lambda d: d.any())
+    for mode in ("on", "off", "ct"):
+        widget.walker_combo.setCurrentIndex(widget.walker_combo.findData(mode))
+        qtbot.waitUntil(lambda m=mode: engine.session.settings.refine.click_walker == m)
+    widget.refine_box.setChecked(False)
+    assert not widget.walker_combo.isEnabled()
+    qtbot.waitUntil(lambda: engine.session.settings.refine is None)
+    widget.refine_box.setChecked(True)
+    assert widget.walker_combo.isEnabled()
+    qtbot.waitUntil(lambda: getattr(engine.session.settings.refine, "click_walker", "") == "ct")
+
+
 def test_mouse_clicks_positive_and_ctrl_negative(qtbot, blob_viewer, stand_in):
     widget = dock(blob_viewer)
     ready(qtbot, widget, stand_in)

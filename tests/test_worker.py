@@ -117,6 +117,16 @@ def test_thick_slices_come_with_a_note_that_edges_are_not_snapped(started):
     assert inbox.next(VolumeReady).note == ""
 
 
+def test_an_unknown_click_walker_mode_is_a_failure(started):
+    worker, inbox, _ = started
+    worker.set_click_walker("sometimes")
+    failure = inbox.next(Failure)
+    assert failure.task == "set_click_walker" and "click walker mode" in failure.message
+    worker.set_click_walker("on")
+    inbox.next(MaskUpdate, where=lambda m: m.resync)
+    assert worker.engine.session.settings.refine.click_walker == "on"
+
+
 def test_all_model_calls_run_on_the_model_thread(started):
     worker, inbox, model = started
     worker.decode(request(1))
