@@ -59,10 +59,10 @@ def main() -> None:
     chosen = {
         "beta": args.refine_beta,
         "prior_weight": args.refine_prior,
+        "click_walker": args.click_walker,
         "walker_step_mm": args.walker_step,
         "walker_side": args.walker_side,
     }
-    chosen["click_walker"] = args.click_walker
     refine = RefineSettings(**{k: v for k, v in chosen.items() if v is not None})
     settings = SessionSettings(refine=None if args.no_refine else refine)
     cache = EmbeddingCache()
