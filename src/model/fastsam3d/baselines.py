@@ -11,11 +11,10 @@ after every click, returning a bool mask of the crop.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .refine import click_seeds
+from .refine import block_coordinates, click_seeds
 from .walker import random_walker
 
 
@@ -52,6 +51,6 @@ class RandomWalkerSegmenter:
         return prob > 0.5
 
     def _seeds(self, points, labels) -> torch.Tensor:
-        coarse = [(np.asarray(p, dtype=np.float64) + 0.5) / self.factor - 0.5 for p in points]
+        coarse = block_coordinates(points, self.factor)
         radius = self.radius / self.factor
         return click_seeds(self.image.shape, coarse, labels, radius, device=self.device)

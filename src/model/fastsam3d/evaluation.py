@@ -34,7 +34,7 @@ from .clicks import PROTOCOLS, protocol_click
 from .data import find_cases, normalize_intensity, preprocess_case
 from .errors import InputError
 from .geometry import MODEL_SPACING, voxel_sizes
-from .refine import CLICK_SEED_MM, RefineSettings, click_walker, refine_mask
+from .refine import CLICK_SEED_MM, RefineSettings, block_coordinates, click_walker, refine_mask
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class SamSegmenter:
         if self.walker_image is None:
             return None
         factor = self.walker_factor
-        coarse = [(np.asarray(p, dtype=np.float64) + 0.5) / factor - 0.5 for p in points]
+        coarse = block_coordinates(points, factor)
         radius = CLICK_SEED_MM / (factor * MODEL_SPACING)
         prob = click_walker(self.walker_image, coarse, labels, radius=radius)
         if prob is None:

@@ -152,7 +152,7 @@ def refine_mask(
     seeds = torch.full(sub_image.shape, -1, dtype=torch.int8, device=image.device)
     reach = [int(settings.seed_mm // h) for h in steps]
     for point, label in zip(points, labels, strict=True):
-        local = [(p - a + 0.5) / f - 0.5 for p, a, f in zip(point, start, factors, strict=True)]
+        (local,) = block_coordinates([np.subtract(point, start)], factors)
         centre = [int(round(v)) for v in local]
         if all(0 <= c < n for c, n in zip(centre, seeds.shape, strict=True)):
             ball = tuple(
@@ -197,6 +197,13 @@ def block_mean(array: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
         pads += [0, -n % f]
     padded = F.pad(array[None, None], pads, mode="replicate")
     return F.avg_pool3d(padded, tuple(factors))[0, 0]
+
+
+def block_coordinates(points, factors) -> list[np.ndarray]:
+    """Voxel coordinates of ``points`` on the grid :func:`block_mean` gives for ``factors``
+    (one factor for every axis, or one per axis)."""
+    factors = np.asarray(factors, dtype=np.float64)
+    return [(np.asarray(p, dtype=np.float64) + 0.5) / factors - 0.5 for p in points]
 
 
 def _band_box(band: torch.Tensor, spacing: Sequence[float], margin_mm: float):
@@ -294,12 +301,9 @@ def click_walker(
     factors = [2 if n >= COARSEST_SIDE else 1 for n in image.shape]
     if all(f == 1 for f in factors):  # the coarsest grid: solved exactly
         return random_walker_exact(image, seeds, beta=CLICK_WALKER_BETA)
-    coarse_points = [
-        [(c + 0.5) / f - 0.5 for c, f in zip(point, factors, strict=True)] for point in points
-    ]
     coarse = click_walker(
         block_mean(image.float(), factors),
-        coarse_points,
+        block_coordinates(points, factors),
         labels,
         closed_faces,
         radius / 2,
