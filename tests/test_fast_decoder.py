@@ -2,9 +2,11 @@
 
 import copy
 
+import pytest
 import torch
 
 from fastsam3d.modeling.configs import build_model
+from fastsam3d.modeling.merged_attention import merge_to_image
 
 
 def random_model(name: str = "tiny", std: float = 0.05):
@@ -15,16 +17,29 @@ def random_model(name: str = "tiny", std: float = 0.05):
     return model
 
 
-def test_folded_transformer_equals_the_reference_formulation():
+@pytest.mark.parametrize("form", ["folded", "merged"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_forms_equal_the_reference_formulation(form, batch):
     transformer = random_model().double().mask_decoder.transformer
-    src, pe = torch.randn(2, 48, 8, 8, 8, dtype=torch.float64), torch.randn(1, 48, 8, 8, 8)
-    pe = pe.double().expand(2, -1, -1, -1, -1)
-    tokens = torch.randn(2, 7, 48, dtype=torch.float64)
+    src = torch.randn(batch, 48, 8, 8, 8, dtype=torch.float64)
+    pe = torch.randn(1, 48, 8, 8, 8).double().expand(batch, -1, -1, -1, -1)
+    tokens = torch.randn(batch, 7, 48, dtype=torch.float64)
     with torch.no_grad():
         expected = transformer(src, pe, tokens)
-        folded = transformer(src, pe, tokens, folded=True)
-    for actual, reference in zip(folded, expected, strict=True):
-        assert torch.allclose(actual, reference, rtol=0, atol=1e-12)
+        actual = transformer(src, pe, tokens, form=form)
+    for value, reference in zip(actual, expected, strict=True):
+        assert torch.allclose(value, reference, rtol=0, atol=1e-12)
+
+
+def test_merged_weights_follow_the_layer_weights():
+    attention = random_model().mask_decoder.transformer.final_attn_token_to_image
+    before = attention.merged(merge_to_image)
+    assert attention.merged(merge_to_image) is before
+    with torch.no_grad():
+        attention.k_proj.weight.mul_(2)
+    after = attention.merged(merge_to_image)
+    assert after is not before
+    assert torch.allclose(after[0], 2 * before[0], rtol=1e-6)
 
 
 def decode_pair(reference, dtype):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_modeling import DATA, student_config
 
 from fastsam3d.benchmark import format_table, run_benchmarks
-from fastsam3d.modeling import sam3d
+from fastsam3d.modeling import fused_kernels, sam3d
 from fastsam3d.modeling.attention import RelPosAttention3D
 from fastsam3d.modeling.common import FewRowsLinear, MLPBlock
 from fastsam3d.modeling.configs import build_model
@@ -158,6 +158,83 @@ def test_cuda_fast_path_matches_reference():
     assert 2 * (mask_ref & mask_fast).sum() / (mask_ref.sum() + mask_fast.sum()) >= 0.99
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_fast_decoder_matches_reference_to_fp32_rounding():
+    """The CUDA click: merged attention, fused ReLUs, GEMM mask path, the threshold kernel and
+    CUDA graphs, against the reference's logits and mask from the same embedding."""
+    reference, _ = tiny_pair(torch.float32)
+    reference = reference.cuda()
+    fast = copy.deepcopy(reference).prepare_inference()
+    assert fast.mask_decoder.attention_form == "merged" and fast.threshold_kernel
+    emb = torch.randn(1, 48, 8, 8, 8, device="cuda")
+    points = torch.tensor([[[60.0, 64.0, 70.0], [30.0, 40.0, 50.0]]], device="cuda")
+    labels = torch.tensor([[1, 0]], device="cuda")
+    previous = blob_logits(torch.Generator().manual_seed(2), 1, 1, 1).cuda() * 20
+    with torch.inference_mode():
+        low, iou, mask = reference.decode(emb, points, labels, previous)
+        for _ in range(2):  # the second call replays the captured graph
+            fast_low, fast_iou, fast_mask = fast.decode(emb, points, labels, previous)
+    assert (fast_low - low).abs().max() <= 1e-5 * low.abs().max()
+    assert (fast_iou - iou).abs().max() <= 1e-5 * iou.abs().max()
+    assert (fast_mask != mask).sum() <= 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphs_follow_loaded_weights():
+    reference, _ = tiny_pair(torch.float32)
+    fast = copy.deepcopy(reference).cuda().prepare_inference()
+    emb = torch.randn(1, 48, 8, 8, 8, device="cuda")
+    points = torch.tensor([[[60.0, 64.0, 70.0]]], device="cuda")
+    labels = torch.ones(1, 1, dtype=torch.int64, device="cuda")
+    state = {k: v * 1.5 for k, v in reference.state_dict().items()}
+    with torch.inference_mode():
+        before = fast.decode(emb, points, labels)[0]
+        fast.load_state_dict(state)
+        after = fast.decode(emb, points, labels)[0]
+        fresh = build_model("tiny").eval()
+        fresh.load_state_dict(state)
+        expected = fresh.cuda().prepare_inference().decode(emb, points, labels)[0]
+    assert not torch.equal(after, before)
+    assert (after - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.skipif(not fused_kernels.available(), reason="needs a GPU and Triton")
+@pytest.mark.parametrize("threshold", [0.0, 0.7])
+def test_threshold_kernel_equals_the_full_upsample(threshold):
+    generator = torch.Generator().manual_seed(4)
+    cases = [blob_logits(generator, 2, 3, t) for t in range(25)] + [torch.randn(2, 3, 32, 32, 32)]
+    for low in cases:
+        low = low.cuda()
+        up = F.interpolate(low, size=(128,) * 3, mode="trilinear", align_corners=False)
+        mask = fused_kernels.upsample_threshold(low, (128,) * 3, threshold)
+        differ = mask != (up > threshold)
+        # same weights, same order; at most an FMA's rounding apart, so only at the threshold
+        assert ((up[differ] - threshold).abs() <= 1e-6 * (1 + low.abs().max())).all()
+        assert differ.sum() <= 10
+
+
+@pytest.mark.skipif(not fused_kernels.available(), reason="needs a GPU and Triton")
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_layer_norm_kernel_equals_the_layers(with_residual):
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(48).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 48, 512, device="cuda").transpose(1, 2)  # strided, as the image tokens
+    residual = torch.randn(2, 512, 48, device="cuda") if with_residual else None
+    pe = torch.randn(1, 48, 512, device="cuda").transpose(1, 2)  # broadcast over the batch
+    with torch.inference_mode():
+        out, out_pe = fused_kernels.add_layer_norm(x, residual, norm, pe)
+        expected = norm(x if residual is None else x + residual)
+        alone, none = fused_kernels.add_layer_norm(x, residual, norm)
+        gelu, _ = fused_kernels.add_layer_norm(x, residual, norm, gelu=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_pe, expected + pe, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gelu, F.gelu(expected), rtol=1e-5, atol=1e-5)
+    assert torch.equal(alone, out) and none is None
+
+
 def test_benchmark_report_runs_on_cpu(monkeypatch):
     monkeypatch.setattr("fastsam3d.benchmark.build_model", lambda name: build_model("tiny"))
     report = run_benchmarks("cpu", repeats=1, warmup=0, teacher=True, batch=2)
@@ -209,7 +286,7 @@ def test_channels_last_mask_path_equals_the_layers():
         expected = (hyper @ upscaled.flatten(2)).reshape(2, 3, 32, 32, 32)
         dense = prompts.downscale(previous)
         prompts.downscale_as_gemm = True
-        masks = decoder.masks_channels_last(tokens, hyper, (8, 8, 8))
+        masks = decoder.masks_from_upscaled(decoder.upscale_tokens(tokens), hyper, (8, 8, 8))
         dense_gemm = prompts.downscale(previous)
     assert torch.allclose(masks, expected, atol=1e-12)
     assert torch.allclose(dense_gemm, dense, atol=1e-12)

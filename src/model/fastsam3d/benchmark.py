@@ -196,7 +196,7 @@ def run_benchmarks(
             )
         )
         add_opt_in(
-            variants,
+            [(name, model) for name, model in variants if model._compiled_encoder is None],
             "decode without the 128^3 mask",
             1,
             lambda m: m.decode(emb, points, labels, previous, return_mask=False),

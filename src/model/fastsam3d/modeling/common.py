@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_kernels
 from .quantized import gemm
 
 
@@ -27,6 +28,15 @@ class ChannelLayerNorm(nn.Module):
 def channel_norm(x: torch.Tensor, norm: ChannelLayerNorm) -> torch.Tensor:
     """A :class:`ChannelLayerNorm` applied to a channels-last tensor."""
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def channel_norm_gelu(x: torch.Tensor, norm: nn.Module, fused: bool) -> torch.Tensor:
+    """``gelu(channel_norm(x, norm))`` of a channels-last tensor; ``fused``: one Triton kernel
+    on CUDA (:func:`.fused_kernels.add_layer_norm`)."""
+    if fused and x.is_cuda:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        return fused_kernels.add_layer_norm(rows, None, norm, gelu=True)[0].view(x.shape)
+    return F.gelu(channel_norm(x, norm))
 
 
 def strided_conv_channels_last(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -59,12 +69,22 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``relu(layer(x))``; on CUDA one cuBLASLt product with the bias and the ReLU in its
+    epilogue (the same values: the ReLU is exact)."""
+    if not x.is_cuda:
+        return torch.relu(layer(x))
+    rows = torch._addmm_activation(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t())
+    return rows.view(*x.shape[:-1], -1)
+
+
 class MLPBlock(nn.Module):
     """Two linear layers with an activation between them (keys ``lin1``, ``lin2``).
 
     ``fused_gelu`` (set by ``Sam3D.prepare_inference`` for the bf16 encoder on CUDA) computes
     ``lin1`` and a GELU together by :func:`linear_gelu_tanh`: the tanh form differs from the
-    exact GELU by at most 5e-4, a thirtieth of a bf16 step at that value.
+    exact GELU by at most 5e-4, a thirtieth of a bf16 step at that value. ``fused_relu`` (the
+    decoder's ReLU blocks on CUDA) does the same by :func:`linear_relu`, exactly.
     """
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
@@ -73,10 +93,13 @@ class MLPBlock(nn.Module):
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
         self.fused_gelu = False
+        self.fused_relu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu:
             return self.lin2(linear_gelu_tanh(x, self.lin1.weight, self.lin1.bias))
+        if self.fused_relu:
+            return self.lin2(linear_relu(x, self.lin1))
         return self.lin2(self.act(self.lin1(x)))
 
 
@@ -103,17 +126,17 @@ class FewRowsLinear(nn.Linear):
 
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (keys ``layers.{i}``)."""
+    """``num_layers`` linear layers with ReLU between them (keys ``layers.{i}``);
+    ``fused_relu`` computes each hidden layer by :func:`linear_relu`."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=True))
+        self.fused_relu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
+        for layer in self.layers[:-1]:
+            x = linear_relu(x, layer) if self.fused_relu else torch.relu(layer(x))
+        return self.layers[-1](x)

@@ -1,10 +1,11 @@
 """3D mask decoder: image embedding + prompt embeddings -> 32^3 mask logits and IoU scores."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, ChannelLayerNorm
+from .common import MLP, ChannelLayerNorm, channel_norm_gelu
+from .derived import DerivedTensors
+from .fast_path import in_parallel
 from .quantized import gemm
 
 
@@ -21,13 +22,22 @@ def conv_transpose_2x(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor
     return y.reshape(batch, out, 2 * d, 2 * h, 2 * w) + conv.bias.view(1, -1, 1, 1, 1)
 
 
-def conv_transpose_blocks(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
-    """A kernel-2, stride-2 transposed convolution on channels-last (..., C_in) ->
-    (..., 8, C_out): each voxel's 2x2x2 output block, sub-voxels in (d, h, w) order."""
+def block_kernel(conv: nn.ConvTranspose3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel-2, stride-2 transposed convolution as a (8 * C_out, C_in) matrix, sub-voxels
+    in (d, h, w) order, and its (8 * C_out) bias."""
     chans, out = conv.weight.shape[:2]
     weight = conv.weight.reshape(chans, out, 8).transpose(1, 2).reshape(chans, 8 * out)
-    y = gemm(x, conv, weight.t(), conv.bias.repeat(8))
-    return y.view(*x.shape[:-1], 8, out)
+    return weight.t().contiguous(), conv.bias.repeat(8)
+
+
+def conv_transpose_blocks(
+    x: torch.Tensor, conv: nn.ConvTranspose3d, cache: DerivedTensors
+) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed convolution on channels-last (..., C_in) ->
+    (..., 8, C_out): each voxel's 2x2x2 output block; ``cache`` keeps its :func:`block_kernel`."""
+    weight, bias = cache.get(conv.parameters(), lambda: block_kernel(conv))
+    y = gemm(x, conv, weight, bias)
+    return y.view(*x.shape[:-1], 8, conv.weight.shape[1])
 
 
 class SamMaskDecoder(nn.Module):
@@ -79,12 +89,19 @@ class MaskDecoder3D(SamMaskDecoder):
     """The 3D decoder (:class:`SamMaskDecoder` with 3D transposed convolutions).
 
     ``upscale_as_gemm`` (the fast path, set by ``Sam3D.prepare_inference``) runs the
-    upscaling as matrix products on channels-last tokens and the transformer ``folded``.
+    upscaling as matrix products on channels-last tokens; ``attention_form`` says how the
+    transformer's attention computes (:data:`.transformer.FORMS`); ``parallel_streams`` (CUDA)
+    runs the upscaling on a second stream beside the last attention and the heads, and
+    ``fused_norms`` its LayerNorm and GELU as one Triton kernel.
     """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(conv_transpose=nn.ConvTranspose3d, **kwargs)
         self.upscale_as_gemm = False
+        self.attention_form = "projected"
+        self._block_kernels = (DerivedTensors(), DerivedTensors())
+        self.parallel_streams = False
+        self.fused_norms = False
 
     def forward(
         self,
@@ -123,8 +140,10 @@ class MaskDecoder3D(SamMaskDecoder):
         """All ``num_mask_tokens`` masks and IoU scores; with ``upscale_as_gemm`` only the
         ``chosen`` masks (the others are not needed)."""
         batch = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+        output_tokens = (self.iou_token.weight, self.mask_tokens.weight)
+        tokens = torch.cat(
+            [*(t.expand(batch, -1, -1) for t in output_tokens), sparse_prompt_embeddings], dim=1
+        )
         src = image_embeddings
         if src.shape[0] != batch:
             src = src.repeat_interleave(batch, dim=0)
@@ -132,35 +151,60 @@ class MaskDecoder3D(SamMaskDecoder):
         src = dense_prompt_embeddings + src
         pos_src = image_pe.expand(batch, -1, -1, -1, -1)
         b, c, x, y, z = src.shape
-        hs, src = self.transformer(src, pos_src, tokens, folded=self.upscale_as_gemm)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        mlps = enumerate(self.output_hypernetworks_mlps)
-        if self.upscale_as_gemm:
-            mlps = list(mlps)[chosen]
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in mlps], dim=1)
-        if self.upscale_as_gemm:
-            masks = self.masks_channels_last(src, hyper_in, (x, y, z))
-        else:
+        form = self.attention_form
+        queries, src, src_pe = self.transformer.blocks(src, pos_src, tokens, form)
+
+        def token_outputs() -> tuple[torch.Tensor, torch.Tensor]:
+            hs = self.transformer.final_attention(queries, src, src_pe, tokens, form)
+            return self.heads(hs, chosen if self.upscale_as_gemm else slice(None))
+
+        if not self.upscale_as_gemm:
+            hyper_in, iou = token_outputs()
             upscaled = self.upscale(src.transpose(1, 2).reshape(b, c, x, y, z))
             b, c, x, y, z = upscaled.shape
             masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
-        return masks, self.iou_prediction_head(iou_token_out)
+            return masks, iou
+        if self.parallel_streams and src.is_cuda:
+            upscaled, (hyper_in, iou) = in_parallel(lambda: self.upscale_tokens(src), token_outputs)
+        else:
+            upscaled = self.upscale_tokens(src)
+            hyper_in, iou = token_outputs()
+        return self.masks_from_upscaled(upscaled, hyper_in, (x, y, z)), iou
 
-    def masks_channels_last(
-        self, tokens: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
+    def heads(self, hs: torch.Tensor, chosen: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``chosen`` masks' hypernetwork outputs (B, M, C // 8) and all IoU scores from
+        the transformer's tokens; on two CUDA streams with ``parallel_streams``."""
+        mask_tokens = hs[:, 1 : 1 + self.num_mask_tokens]
+        mlps = list(enumerate(self.output_hypernetworks_mlps))[chosen]
+
+        def hyper_in() -> torch.Tensor:
+            return torch.stack([mlp(mask_tokens[:, i]) for i, mlp in mlps], dim=1)
+
+        def iou() -> torch.Tensor:
+            return self.iou_prediction_head(hs[:, 0])
+
+        if self.parallel_streams and hs.is_cuda:  # the IoU head is off the critical path
+            scores, hyper = in_parallel(iou, hyper_in)
+            return hyper, scores
+        return hyper_in(), iou()
+
+    def upscale_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` of the image tokens (B, N, C) without channels-first copies:
+        each token's 4x4x4 block as matrix products -> (B, N * 64, C // 8)."""
+        up1, norm, _, up2, act2 = self.output_upscaling
+        first, second = self._block_kernels
+        y = conv_transpose_blocks(tokens, up1, first)
+        y = channel_norm_gelu(y, norm, self.fused_norms)
+        y = act2(conv_transpose_blocks(y, up2, second))
+        return y.reshape(tokens.shape[0], -1, y.shape[-1])
+
+    def masks_from_upscaled(
+        self, upscaled: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
     ) -> torch.Tensor:
-        """Upscaling and mask product on the image tokens (B, N, C) without channels-first
-        copies: each token's 4x4x4 block as matrix products, one shuffle of the small masks."""
-        up1, norm, act1, up2, act2 = self.output_upscaling
-        batch = tokens.shape[0]
-        y = conv_transpose_blocks(tokens, up1)
-        y = act2(
-            conv_transpose_blocks(
-                act1(F.layer_norm(y, y.shape[-1:], norm.weight, norm.bias, norm.eps)), up2
-            )
-        )
-        masks = y.reshape(batch, -1, y.shape[-1]) @ hyper_in.transpose(1, 2)
+        """The mask product of :meth:`upscale_tokens`' output and one shuffle of the small
+        masks into (B, M, 4x, 4h, 4w)."""
+        batch = upscaled.shape[0]
+        masks = upscaled @ hyper_in.transpose(1, 2)
         x, h, w = grid
         # two 2x shuffles: one 11-d permute is several times slower than both
         masks = masks.view(batch, x, h, w, 2, 2, 2, 8, -1).permute(0, 8, 1, 4, 2, 5, 3, 6, 7)

@@ -11,7 +11,9 @@ import math
 import torch
 from torch import nn
 
-from .common import ChannelLayerNorm
+from .common import ChannelLayerNorm, channel_norm_gelu, strided_conv_channels_last
+from .derived import DerivedTensors
+from .fast_path import in_parallel
 from .quantized import gemm
 
 
@@ -101,6 +103,11 @@ class PromptEncoder3D(nn.Module):
         self.mask_downscaling = mask_downscaling(nn.Conv3d, mask_in_chans, embed_dim)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
         self.downscale_as_gemm = False
+        self.narrow_as_gemm = False
+        self.fast_points = False
+        self.parallel_streams = False
+        self.fused_norms = False
+        self._point_tables = DerivedTensors()
 
     @property
     def mask_input_size(self) -> tuple[int, int, int]:
@@ -112,10 +119,46 @@ class PromptEncoder3D(nn.Module):
         return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        if self.fast_points:
+            return self._embed_points_fast(points, labels, pad)
         size = self.input_image_size
         return embed_point_labels(
             self, points, labels, pad, lambda p: self.pe_layer.points(p, size)
         )
+
+    def _point_code(self) -> tuple[torch.Tensor, ...]:
+        """The point encoding as one affine map and a sine, and the label embeddings.
+
+        ``2 pi (2 (p + 0.5) / size - 1) @ G`` is ``p @ W + b``; its three copies (the middle
+        one shifted by pi / 2, so that its sine is the cosine) give ``[sin, cos, sin]``.
+        Returns W (3, 3F), b (3F) and the (3, C) table of label -1, 0 and 1's embeddings.
+        """
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix.double()
+        size = torch.tensor(self.input_image_size, dtype=torch.float64, device=matrix.device)
+        weight = (4 * math.pi / size)[:, None] * matrix
+        bias = 2 * math.pi * ((1 / size - 1) @ matrix)
+        dtype = self.no_mask_embed.weight.dtype
+        code_bias = torch.cat([bias, bias + math.pi / 2, bias])
+        table = torch.cat(
+            [self.not_a_point_embed.weight, *(e.weight for e in self.point_embeddings)]
+        )
+        return weight.repeat(1, 3).to(dtype), code_bias.to(dtype), table
+
+    def _embed_points_fast(
+        self, points: torch.Tensor, labels: torch.Tensor, pad: bool
+    ) -> torch.Tensor:
+        """``embed_point_labels`` in a few kernels: one product and one sine for the positional
+        code, one lookup for the label embeddings (equal up to fp32 rounding)."""
+        sources = [self.pe_layer.positional_encoding_gaussian_matrix, self.not_a_point_embed.weight]
+        sources += [e.weight for e in self.point_embeddings]
+        weight, bias, table = self._point_tables.get(sources, self._point_code)
+        batch, count = labels.shape
+        code = torch.addmm(bias, points.reshape(-1, 3).to(weight.dtype), weight).sin_()
+        code = code.view(batch, count, -1)
+        embedding = torch.addcmul(table[labels + 1], code, (labels != -1).unsqueeze(-1))
+        if not pad:
+            return embedding
+        return torch.cat([embedding, table[:1].expand(batch, 1, -1)], dim=1)
 
     def forward(
         self,
@@ -140,21 +183,34 @@ class PromptEncoder3D(nn.Module):
         batch = (
             points[0].shape[0] if points is not None else masks.shape[0] if masks is not None else 1
         )
-        sparse = weight.new_empty((batch, 0, self.embed_dim))
-        if points is not None:
-            sparse = torch.cat([sparse, self._embed_points(*points, pad=boxes is None)], dim=1)
-        if masks is not None:
-            dense = self.downscale(masks)
+        if points is None:
+            sparse = weight.new_empty((batch, 0, self.embed_dim))
         else:
+            sparse = self._embed_points(*points, pad=boxes is None)
+        if masks is None:
             dense = weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, *self.image_embedding_size)
+        elif self.parallel_streams and masks.is_cuda and points is not None:
+            dense, sparse = in_parallel(
+                lambda: self.downscale(masks), lambda: self._embed_points(*points, pad=True)
+            )
+        else:
+            dense = self.downscale(masks)
         return sparse, dense
 
     def downscale(self, masks: torch.Tensor) -> torch.Tensor:
         """``mask_downscaling`` (32^3 -> 8^3); with ``downscale_as_gemm`` the last (1x1)
-        convolution is a matrix product with a channels-last result (the narrow layers before
-        it are faster as they are than as matrix products)."""
+        convolution is a matrix product with a channels-last result, and with
+        ``narrow_as_gemm`` the two narrow strided convolutions before it too (fewer kernels on
+        a GPU; on a CPU they are faster as convolutions), their LayerNorms and GELUs as one
+        Triton kernel each with ``fused_norms``."""
         if not self.downscale_as_gemm:
             return self.mask_downscaling(masks)
-        x = self.mask_downscaling[:-1](masks).permute(0, 2, 3, 4, 1)
+        if self.narrow_as_gemm:
+            conv1, norm1, _, conv2, norm2, _, _ = self.mask_downscaling
+            x = strided_conv_channels_last(masks.permute(0, 2, 3, 4, 1), conv1)
+            x = channel_norm_gelu(x, norm1, self.fused_norms)
+            x = channel_norm_gelu(strided_conv_channels_last(x, conv2), norm2, self.fused_norms)
+        else:
+            x = self.mask_downscaling[:-1](masks).permute(0, 2, 3, 4, 1)
         conv = self.mask_downscaling[-1]
         return gemm(x, conv, conv.weight, conv.bias).permute(0, 4, 1, 2, 3)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import nonzero_box
+from . import fused_kernels
 from .attention import RelPosAttention3D
-from .common import FewRowsLinear, MLPBlock
+from .common import MLP, FewRowsLinear, MLPBlock
 from .fast_path import GraphCache
 from .quantized import native_bf16, quantize_int8
 
@@ -52,13 +53,19 @@ class Sam3D(nn.Module):
         self._decode_graphs: dict[tuple[bool, bool], GraphCache] | None = None
         self._dense_pe_cache: tuple[tuple, torch.Tensor] | None = None
         self.sparse_threshold = False
+        self.threshold_kernel = False
         self._compiled_encoder = None
-        self._compiled_decode = None
-        self.register_load_state_dict_post_hook(Sam3D._forget_dense_pe)
+        self.register_load_state_dict_post_hook(Sam3D._forget_derived)
 
     @staticmethod
-    def _forget_dense_pe(module: Sam3D, _incompatible) -> None:
+    def _forget_derived(module: Sam3D, _incompatible) -> None:
+        """New weights: drop the dense PE and the CUDA graphs, which captured tensors derived
+        from the old ones (merged decoder matrices, reshaped kernels)."""
         module._dense_pe_cache = None
+        graphs = [module._encode_graph, *(module._decode_graphs or {}).values()]
+        for cache in graphs:
+            if cache is not None:
+                cache.graphs.clear()
 
     @property
     def signature(self) -> str:
@@ -102,13 +109,20 @@ class Sam3D(nn.Module):
         fused attention (SDPA, the teacher's padded windows folded exactly) and its
         convolutions as matrix products; in bf16 / fp16 on CUDA each MLP's first product also
         applies its GELU in the product's epilogue (:class:`.common.MLPBlock`). The prompt
-        encoder and decoder stay fp32 (on a CPU the decoder's token layers as
-        :class:`.common.FewRowsLinear`); on CUDA both are replayed from CUDA graphs. An
+        encoder and decoder stay fp32: on a CPU the decoder's token layers run as
+        :class:`.common.FewRowsLinear` and its cross-attention "folded"; on CUDA, where a
+        click is a chain of small kernels, its attention runs "merged"
+        (:mod:`.merged_attention`), its ReLUs in the products' epilogues, residual sums with
+        their LayerNorms and the mask's upsampling with its threshold as Triton kernels
+        (:mod:`.fused_kernels`), independent branches on two streams, and the whole click is
+        replayed from a CUDA graph. An
         unprepared model is the exact fp32 reference every fast path is compared with. Call
         after ``.to()``.
         ``compile_mode`` (opt-in, e.g. "default" or "max-autotune-no-cudagraphs") also runs
-        encoder and decoder through ``torch.compile`` (seconds to a minute of compilation per
-        input shape; worth it for batch work, not for one interactive volume).
+        the encoder through ``torch.compile`` (seconds to a minute of compilation per input
+        shape; worth it for batch work, not for one interactive volume). The decoder is not
+        compiled: every compiled decoder measured was slower than its CUDA graph
+        (docs/BENCHMARKS.md).
         ``dtype=torch.int8`` (CPU, opt-in) runs the encoder's matrix products in int8 (weights
         per channel, activations per row, :mod:`.quantized`; the patch embedding and the neck,
         whose inputs need more than 8 bits, in bf16 on CPUs with native bf16 products, else in
@@ -139,31 +153,41 @@ class Sam3D(nn.Module):
             conv3.data = conv3.data.contiguous(memory_format=torch.channels_last_3d)
         self.image_encoder.patch_embed.as_gemm = True
         self.mask_decoder.upscale_as_gemm = True
+        self.mask_decoder.attention_form = "merged" if device.type == "cuda" else "folded"
         self.prompt_encoder.downscale_as_gemm = True
+        self.prompt_encoder.narrow_as_gemm = device.type == "cuda"
+        self.prompt_encoder.fast_points = True
+        self.prompt_encoder.parallel_streams = device.type == "cuda"
+        self.mask_decoder.parallel_streams = device.type == "cuda"
+        triton_kernels = device.type == "cuda" and fused_kernels.available()
+        self.prompt_encoder.fused_norms = self.mask_decoder.fused_norms = triton_kernels
         reduced = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         for module in self.image_encoder.modules():
             if isinstance(module, RelPosAttention3D) and module.backend == "math":
                 module.backend = attention
             if isinstance(module, MLPBlock) and isinstance(module.act, nn.GELU):
                 module.fused_gelu = reduced
+        for module in self.mask_decoder.modules():
+            if isinstance(module, MLP) or (
+                isinstance(module, MLPBlock) and isinstance(module.act, nn.ReLU)
+            ):
+                module.fused_relu = device.type == "cuda"
         if device.type == "cpu":
             for module in self.mask_decoder.modules():
                 if type(module) is nn.Linear:
                     module.__class__ = FewRowsLinear
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.sparse_threshold = not graphs and compile_mode is None
+        self.sparse_threshold = not graphs
+        self.threshold_kernel = triton_kernels
         if compile_mode is not None:
             self._compiled_encoder = torch.compile(
                 self.image_encoder.forward, mode=compile_mode, dynamic=False
             )
-            self._compiled_decode = torch.compile(self._decode, mode=compile_mode, dynamic=False)
         self._encode_graph = GraphCache(self._encode) if graphs else None
         self._decode_graphs = (
             {
                 (multi, masked): GraphCache(
-                    functools.partial(
-                        self._decode_function, multimask_output=multi, return_mask=masked
-                    )
+                    functools.partial(self._decode, multimask_output=multi, return_mask=masked)
                 )
                 for multi in (False, True)
                 for masked in (False, True)
@@ -222,11 +246,8 @@ class Sam3D(nn.Module):
         if self._decode_graphs is not None and device.type == "cuda":
             outputs = self._decode_graphs[options](*inputs)
         else:
-            outputs = self._decode_function(*inputs, *options)
+            outputs = self._decode(*inputs, *options)
         return outputs if return_mask else (*outputs, None)
-
-    def _decode_function(self, *args, **options) -> tuple[torch.Tensor, ...]:
-        return (self._compiled_decode or self._decode)(*args, **options)
 
     def _decode(
         self,
@@ -252,12 +273,17 @@ class Sam3D(nn.Module):
     def threshold_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """``upsample_logits(low_res) > mask_threshold`` as a bool mask.
 
+        With ``threshold_kernel`` (set by :meth:`prepare_inference` on CUDA where Triton is
+        installed) one kernel upsamples and thresholds (:mod:`.fused_kernels`).
         With ``sparse_threshold`` (set by :meth:`prepare_inference` unless CUDA graphs are on)
         only the box that can be positive is upsampled: trilinear interpolation is a convex
         combination, so a voxel whose 2x2x2 low-res neighbours are all <= 0 stays <= 0 in
         floating point too, and a crop with a one-cell margin interpolates with the same
         weights as the whole volume. The result is the full path's, bit for bit.
         """
+        if self.threshold_kernel and low_res.is_cuda:
+            size = (self.image_size,) * 3
+            return fused_kernels.upsample_threshold(low_res, size, self.mask_threshold)
         if not self.sparse_threshold or self.mask_threshold != 0:
             return self.upsample_logits(low_res) > self.mask_threshold
         cells = low_res.shape[2:]

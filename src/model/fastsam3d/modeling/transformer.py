@@ -1,11 +1,20 @@
 """Two-way transformer of the 3D mask decoder (tokens <-> image embedding)."""
 
+import functools
 import math
 
 import torch
 from torch import nn
 
+from . import fused_kernels, merged_attention
 from .common import MLPBlock
+from .derived import DerivedTensors
+
+FORMS = ("projected", "folded", "merged")
+"""How the decoder's attention layers compute, all equal up to rounding: "projected" (the
+official order), "folded" (cross-attention projections moved to the few prompt tokens, the
+CPU fast path) and "merged" (projections multiplied together per head,
+:mod:`.merged_attention`, the CUDA fast path: fewest kernels)."""
 
 
 class Attention(nn.Module):
@@ -21,6 +30,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self._merged: dict[str, DerivedTensors] = {}
+
+    def merged(self, merge) -> tuple[torch.Tensor, ...]:
+        """``merge(self)`` (a function of :mod:`.merged_attention`) in this layer's dtype,
+        kept until a weight changes."""
+        cache = self._merged.setdefault(merge.__name__, DerivedTensors())
+        dtype = self.q_proj.weight.dtype
+        return cache.get(self.parameters(), lambda: (t.to(dtype).contiguous() for t in merge(self)))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, n, c = x.shape
@@ -114,23 +131,66 @@ class TwoWayAttentionBlock3D(nn.Module):
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
-        folded: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block; ``folded`` uses :meth:`Attention.attend_image` / ``attend_tokens``."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
+        form: str = "projected",
+        keys_pe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block, its attention computed in ``form`` (one of :data:`FORMS`).
+
+        ``keys_pe`` is ``keys + key_pe`` where the caller has it (the previous block's third
+        output). Returns the new queries, keys and ``keys + key_pe``.
+        """
+        fused = form == "merged"
+        self_pe = None if self.skip_first_layer_pe else query_pe
+        if fused:
+            merged = self.self_attn.merged(merged_attention.merge_self)
+            attended = merged_attention.self_attention(self.self_attn, merged, queries, self_pe)
+        elif self_pe is None:
+            attended = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-        q, k = queries + query_pe, keys + key_pe
-        to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        if folded:
-            to_image, to_tokens = to_image.attend_image, to_tokens.attend_tokens
-        queries = self.norm2(queries + to_image(q, k, keys))
-        queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(keys + to_tokens(k, queries + query_pe, queries))
-        return queries, keys
+            attended = self.self_attn(q, q, queries)
+        if self_pe is None:
+            queries, q = add_norm(attended, None, self.norm1, query_pe, fused)
+        else:
+            queries, q = add_norm(queries, attended, self.norm1, query_pe, fused)
+        k = keys + key_pe if keys_pe is None else keys_pe
+        to_image = cross_attention(self.cross_attn_token_to_image, "image", form)
+        queries, _ = add_norm(queries, to_image(q, k, keys), self.norm2, None, fused)
+        queries, q = add_norm(queries, self.mlp(queries), self.norm3, query_pe, fused)
+        to_tokens = cross_attention(self.cross_attn_image_to_token, "tokens", form)
+        return queries, *add_norm(keys, to_tokens(k, q, queries), self.norm4, key_pe, fused)
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm: nn.LayerNorm,
+    pe: torch.Tensor | None,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = norm(x + residual)`` (``norm(x)`` without a residual) and ``y + pe`` (None
+    without ``pe``); ``fused``: in one Triton kernel on CUDA
+    (:func:`.fused_kernels.add_layer_norm`)."""
+    if fused and x.is_cuda and fused_kernels.available():
+        return fused_kernels.add_layer_norm(x, residual, norm, pe)
+    y = norm(x if residual is None else x + residual)
+    return y, (None if pe is None else y + pe)
+
+
+def cross_attention(attention: Attention, towards: str, form: str):
+    """``attention``'s call in ``form`` for few queries against the image (``towards`` =
+    "image") or the image against few tokens ("tokens")."""
+    if form == "projected":
+        return attention
+    if form == "folded":
+        return attention.attend_image if towards == "image" else attention.attend_tokens
+    if form != "merged":
+        raise ValueError(f"unknown attention form {form!r}; expected one of {FORMS}")
+    if towards == "image":
+        merged = attention.merged(merged_attention.merge_to_image)
+        return functools.partial(merged_attention.attend_image, attention, merged)
+    merged = attention.merged(merged_attention.merge_to_tokens)
+    return functools.partial(merged_attention.attend_tokens, attention, merged)
 
 
 class TwoWayTransformer3D(nn.Module):
@@ -162,19 +222,40 @@ class TwoWayTransformer3D(nn.Module):
         image_embedding: torch.Tensor,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
-        folded: bool = False,
+        form: str = "projected",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T, C) attend the image (B, C, X, Y, Z); returns (tokens, image tokens).
 
-        ``folded`` moves the cross-attention projections of the image tokens to the few
-        prompt tokens (same result up to fp32 rounding, about a third of the products).
+        ``form`` (one of :data:`FORMS`) says how the attention layers compute; all give the
+        same result up to fp32 rounding.
         """
+        queries, keys, keys_pe = self.blocks(image_embedding, image_pe, point_embedding, form)
+        return self.final_attention(queries, keys, keys_pe, point_embedding, form), keys
+
+    def blocks(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        form: str = "projected",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The blocks of :meth:`forward`: (tokens, image tokens, image tokens + their PE)."""
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
-        queries = point_embedding
+        queries, keys_pe = point_embedding, None
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, folded)
-        q, k = queries + point_embedding, keys + key_pe
-        final = self.final_attn_token_to_image
-        attn = final.attend_image(q, k, keys) if folded else final(q, k, keys)
-        return self.norm_final_attn(queries + attn), keys
+            queries, keys, keys_pe = layer(queries, keys, point_embedding, key_pe, form, keys_pe)
+        return queries, keys, keys_pe
+
+    def final_attention(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        keys_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        form: str = "projected",
+    ) -> torch.Tensor:
+        """The last token -> image attention of :meth:`forward` -> tokens."""
+        q = queries + point_embedding
+        attn = cross_attention(self.final_attn_token_to_image, "image", form)(q, keys_pe, keys)
+        return add_norm(queries, attn, self.norm_final_attn, None, form == "merged")[0]
