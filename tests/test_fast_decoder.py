@@ -78,3 +78,24 @@ def test_int8_mode_keeps_the_decoder_fp32_and_the_state_dict():
     assert all(torch.equal(v, expected[k]) for k, v in state.items())
     names = [n for n, _ in fast.named_parameters()]
     assert names == [n for n, _ in reference.named_parameters()]
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_cuda_decoder_layout_matches_the_reference_on_cpu(multimask):
+    """The CUDA fast path's decoder layout (merged attention, mask downscaling as products),
+    run on the CPU, where CI checks it: batch 2, one or three masks."""
+    reference = random_model()
+    fast = copy.deepcopy(reference).prepare_inference(cuda_graphs=False)
+    fast.mask_decoder.attention_form = "merged"
+    fast.prompt_encoder.narrow_as_gemm = True
+    generator = torch.Generator().manual_seed(3)
+    emb = torch.randn(2, 48, 8, 8, 8, generator=generator)
+    points = torch.rand(2, 3, 3, generator=generator) * 127
+    labels = torch.tensor([[1, 0, 1], [1, 1, -1]])
+    previous = torch.randn(2, 1, 32, 32, 32, generator=generator)
+    with torch.inference_mode():
+        low, iou, _ = reference.decode(emb, points, labels, previous, multimask, False)
+        fast_low, fast_iou, _ = fast.decode(emb, points, labels, previous, multimask, False)
+    assert fast_low.shape == low.shape == (2, 3 if multimask else 1, 32, 32, 32)
+    assert (fast_low - low).abs().max() <= 1e-5 * low.abs().max()
+    assert (fast_iou - iou).abs().max() <= 1e-5 * iou.abs().max()
