@@ -131,7 +131,8 @@ class PromptEncoder3D(nn.Module):
 
         ``2 pi (2 (p + 0.5) / size - 1) @ G`` is ``p @ W + b``; its three copies (the middle
         one shifted by pi / 2, so that its sine is the cosine) give ``[sin, cos, sin]``.
-        Returns W (3, 3F), b (3F) and the (3, C) table of label -1, 0 and 1's embeddings.
+        Returns W (3, 3F), b (3F), the (3, C) table of label -1, 0 and 1's embeddings and
+        (3, 1) whether each label keeps the positional code (the pad label -1 does not).
         """
         matrix = self.pe_layer.positional_encoding_gaussian_matrix.double()
         size = torch.tensor(self.input_image_size, dtype=torch.float64, device=matrix.device)
@@ -142,7 +143,8 @@ class PromptEncoder3D(nn.Module):
         table = torch.cat(
             [self.not_a_point_embed.weight, *(e.weight for e in self.point_embeddings)]
         )
-        return weight.repeat(1, 3).to(dtype), code_bias.to(dtype), table
+        has_code = torch.tensor([[0.0], [1.0], [1.0]], dtype=dtype, device=table.device)
+        return weight.repeat(1, 3).to(dtype), code_bias.to(dtype), table, has_code
 
     def _embed_points_fast(
         self, points: torch.Tensor, labels: torch.Tensor, pad: bool
@@ -151,11 +153,12 @@ class PromptEncoder3D(nn.Module):
         code, one lookup for the label embeddings (equal up to fp32 rounding)."""
         sources = [self.pe_layer.positional_encoding_gaussian_matrix, self.not_a_point_embed.weight]
         sources += [e.weight for e in self.point_embeddings]
-        weight, bias, table = self._point_tables.get(sources, self._point_code)
+        weight, bias, table, has_code = self._point_tables.get(sources, self._point_code)
         batch, count = labels.shape
         code = torch.addmm(bias, points.reshape(-1, 3).to(weight.dtype), weight).sin_()
         code = code.view(batch, count, -1)
-        embedding = torch.addcmul(table[labels + 1], code, (labels != -1).unsqueeze(-1))
+        index = labels + 1
+        embedding = torch.addcmul(table[index], code, has_code[index])
         if not pad:
             return embedding
         return torch.cat([embedding, table[:1].expand(batch, 1, -1)], dim=1)
