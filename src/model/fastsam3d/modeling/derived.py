@@ -1,4 +1,5 @@
-"""Tensors derived from parameters (merged matrices, reshaped kernels), kept between calls."""
+"""Tensors derived from parameters (merged matrices, reshaped kernels, int8 and bf16 copies),
+kept between calls."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .quantized import _parameter_key
+
+def parameter_key(source: torch.Tensor) -> tuple:
+    """What identifies a parameter's current values (its storage and version counter)."""
+    try:
+        version = source._version
+    except RuntimeError:  # an inference tensor: no version counter
+        version = None
+    return (source.data_ptr(), version, source.shape, source.device)
 
 
 class DerivedTensors:
@@ -22,7 +30,7 @@ class DerivedTensors:
         sources: Iterable[torch.Tensor],
         compute: Callable[[], Iterable[torch.Tensor]],
     ) -> tuple[torch.Tensor, ...]:
-        key = tuple(_parameter_key(s) for s in sources)
+        key = tuple(parameter_key(s) for s in sources)
         if key != self._key:
             with torch.no_grad():
                 self._values = tuple(compute())

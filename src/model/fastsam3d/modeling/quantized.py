@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .derived import DerivedTensors
+
 # torch._int_mm wants more than 16 rows; smaller products stay fp32 (too small to matter).
 MIN_ROWS = 17
 
@@ -37,50 +39,36 @@ def quantize_passes(x: torch.Tensor, passes: int) -> list[tuple[torch.Tensor, to
     return parts
 
 
-def _parameter_key(source: torch.Tensor) -> tuple:
-    """What identifies a parameter's current values (its storage and version counter)."""
-    try:
-        version = source._version
-    except RuntimeError:  # an inference tensor: no version counter
-        version = None
-    return (source.data_ptr(), version, source.shape, source.device)
-
-
 class Int8Weight:
     """A weight (N, K) quantised per output channel, refreshed when the weight changes; its
     activations are quantised in ``passes`` passes (1 or 2)."""
 
     def __init__(self, passes: int = 1) -> None:
         self.passes = passes
-        self._key: tuple | None = None
-        self.values: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
+        self._derived = DerivedTensors()
 
     def get(self, weight: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, N) int8 values (column-major, as ``_int_mm`` is fastest) and (1, N) scales of
         ``weight``, a function of the layer parameter ``source`` (requantised when it changes)."""
-        key = _parameter_key(source)
-        if key != self._key:
-            with torch.no_grad():
-                values, scale = quantize_rows(weight.detach().float().reshape(weight.shape[0], -1))
-            self.values, self.scale, self._key = values.t(), scale.t().contiguous(), key
-        return self.values, self.scale
+
+        def quantise() -> tuple[torch.Tensor, torch.Tensor]:
+            values, scale = quantize_rows(weight.detach().float().reshape(weight.shape[0], -1))
+            return values.t(), scale.t().contiguous()
+
+        return self._derived.get([source], quantise)
 
 
 class Bf16Weight:
     """A bf16 copy (N, K) of a weight, refreshed when the layer parameter changes."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self.values: torch.Tensor | None = None
+        self._derived = DerivedTensors()
 
     def get(self, weight: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        key = _parameter_key(source)
-        if key != self._key:
-            with torch.no_grad():
-                self.values = weight.detach().reshape(weight.shape[0], -1).bfloat16()
-            self._key = key
-        return self.values
+        (values,) = self._derived.get(
+            [source], lambda: (weight.detach().reshape(weight.shape[0], -1).bfloat16(),)
+        )
+        return values
 
 
 def native_bf16() -> bool:
