@@ -15,6 +15,7 @@ from .attention import RelPosAttention3D
 from .common import MLP, FewRowsLinear, MLPBlock
 from .fast_path import GraphCache
 from .quantized import native_bf16, quantize_int8
+from .upsample import trilinear_upsample
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -129,7 +130,8 @@ class Sam3D(nn.Module):
         two int8 passes; on such CPUs the attention's two products in bf16 too, with fp32
         logits and softmax, :func:`.attention.bf16_cpu_attention`), the rest in fp32; parameters
         and state-dict keys stay as they are. Without CUDA graphs the 128^3 mask is
-        thresholded sparsely, bit-identical to the full upsampling (:meth:`threshold_logits`).
+        thresholded sparsely, equal to the full upsampling up to fp32 rounding
+        (:meth:`threshold_logits`).
         ``attention`` picks the global blocks' fused backend: "sdpa" (bias as a mask) or
         "flash" (bias folded into the dot product; ``flash_attn`` on CUDA when installed).
         """
@@ -276,20 +278,25 @@ class Sam3D(nn.Module):
         With ``threshold_kernel`` (set by :meth:`prepare_inference` on CUDA where Triton is
         installed) one kernel upsamples and thresholds (:mod:`.fused_kernels`).
         With ``sparse_threshold`` (set by :meth:`prepare_inference` unless CUDA graphs are on)
-        only the box that can be positive is upsampled: trilinear interpolation is a convex
+        only the box that can be positive is upsampled, as separable products
+        (:func:`.upsample.trilinear_upsample`): trilinear interpolation is a convex
         combination, so a voxel whose 2x2x2 low-res neighbours are all <= 0 stays <= 0 in
         floating point too, and a crop with a one-cell margin interpolates with the same
-        weights as the whole volume. The result is the full path's, bit for bit.
+        weights as the whole volume. The values equal the full path's up to fp32 rounding.
         """
         if self.threshold_kernel and low_res.is_cuda:
             size = (self.image_size,) * 3
             return fused_kernels.upsample_threshold(low_res, size, self.mask_threshold)
-        if not self.sparse_threshold or self.mask_threshold != 0:
-            return self.upsample_logits(low_res) > self.mask_threshold
         cells = low_res.shape[2:]
         factor = self.image_size // cells[0]
-        if factor % 2 or any(n * factor != self.image_size for n in cells):
+        if (
+            not self.sparse_threshold
+            or factor % 2
+            or any(n * factor != self.image_size for n in cells)
+        ):
             return self.upsample_logits(low_res) > self.mask_threshold
+        if self.mask_threshold != 0:
+            return trilinear_upsample(low_res, factor) > self.mask_threshold
         size = (self.image_size,) * 3
         mask = torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
         box = nonzero_box((low_res > 0).flatten(0, 1).any(0).cpu().numpy())
@@ -303,11 +310,7 @@ class Sam3D(nn.Module):
             crop.append(slice(c0, c1))
             out.append(slice(lo, hi))
             local.append(slice(lo - factor * c0, hi - factor * c0))
-        if all(s.stop - s.start == n for s, n in zip(crop, cells, strict=True)):
-            return self.upsample_logits(low_res) > 0
-        sub = low_res[(..., *crop)].contiguous()
-        shape = tuple(factor * (s.stop - s.start) for s in crop)
-        up = F.interpolate(sub, size=shape, mode="trilinear", align_corners=False)
+        up = trilinear_upsample(low_res[(..., *crop)], factor)
         mask[(..., *out)] = up[(..., *local)] > 0
         return mask
 
