@@ -41,14 +41,18 @@ def edge_weights(
 
 
 def laplacian(
-    x: torch.Tensor, weights: list[torch.Tensor], diagonal: torch.Tensor | None = None
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    diagonal: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Graph Laplacian times x: sum over neighbours j of w_ij (x_i - x_j).
 
     ``diagonal`` replaces the degree (precomputed, possibly plus a constant such as the
-    prior weight: then the product is ``(L + diagonal - degree) x``).
+    prior weight: then the product is ``(L + diagonal - degree) x``); ``out`` receives the
+    product (a buffer reused across the steps of a solve).
     """
-    out = x * (degree(weights, x.shape) if diagonal is None else diagonal)
+    out = torch.mul(x, degree(weights, x.shape) if diagonal is None else diagonal, out=out)
     for axis, w in enumerate(weights):
         n = x.shape[axis]
         out.narrow(axis, 0, n - 1).addcmul_(w, x.narrow(axis, 1, n - 1), value=-1)
@@ -114,19 +118,20 @@ def random_walker(
     rhs.mul_(unknown)
     inverse_diag = unknown / diagonal.clamp(min=1e-12)
 
-    def apply(v: torch.Tensor) -> torch.Tensor:
-        return laplacian(v, weights, diagonal).mul_(unknown)
-
-    residual = rhs - apply(x)
+    # The products below skip the mask of unknown voxels: the direction is zero on seeds, so
+    # the seeds' rows of a product only reach the residual there, where the preconditioner
+    # zeroes them; the convergence test masks them out.
+    residual = (rhs - laplacian(x, weights, diagonal)).mul_(unknown)
     z = residual * inverse_diag
     direction = z.clone()
     rz = torch.dot(residual.flatten(), z.flatten())
     stop = tol * rhs.norm().clamp(min=1e-20)
+    a_dir, masked = torch.empty_like(x), torch.empty_like(x)
     for step in range(iterations):
         # every CHECK_EVERY steps: on a GPU the comparison waits for the device
-        if step % CHECK_EVERY == 0 and residual.norm() < stop:
+        if step % CHECK_EVERY == 0 and torch.mul(residual, unknown, out=masked).norm() < stop:
             break
-        a_dir = apply(direction)
+        laplacian(direction, weights, diagonal, out=a_dir)
         alpha = rz / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
         x.addcmul_(alpha, direction)
         residual.addcmul_(alpha, a_dir, value=-1)
