@@ -17,7 +17,7 @@ from fastsam3d import GeometryError, InputError, Session, Volume
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.field import LogitField
 from fastsam3d.geometry import ModelGrid, translation, validate_affine
-from fastsam3d.roi import Roi, normalise
+from fastsam3d.roi import STRIDE, Roi, normalise, tile_origins
 from fastsam3d.sampling import interpolate_axis_aligned, sample_box
 from fastsam3d.stand_in import ThresholdModel
 
@@ -260,6 +260,23 @@ def test_inverse_equals_model_upsampling_at_voxel_centres(perm, flips):
 
 
 # ---------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("margin", [32, 40, 56])
+@pytest.mark.parametrize("shape", [(300, 90, 129), (128, 200, 64)])
+def test_precompute_tiles_hold_every_voxel_with_their_margin(shape, margin):
+    origins = tile_origins(shape, margin=margin)
+    assert all(o % STRIDE == 0 for origin in origins for o in origin)
+    rois = [Roi(o) for o in origins]
+    rng = np.random.default_rng(margin)
+    corners = list(itertools.product(*[(0, n - 1) for n in shape]))
+    points = [*corners, *(rng.integers(0, shape) for _ in range(300))]
+    for point in points:
+        assert any(r.holds(point, margin, shape) for r in rois), point
+    fewer = tile_origins(shape, margin=margin - 8)
+    assert len(fewer) <= len(origins)
+    with pytest.raises(ValueError, match="central part"):
+        tile_origins(shape, margin=63)
 
 
 def test_normalise_is_z_score_over_positive_voxels_with_clip():

@@ -300,7 +300,8 @@ class Session:
             background: run in a daemon thread (cancel with ``job.cancel()``); False runs
                 here and returns the finished job.
         """
-        rois = [Roi(o, self._predictor.roi_size) for o in tile_origins(self._grid.shape)]
+        size, margin = self._predictor.roi_size, self._settings.reuse_margin
+        rois = [Roi(o, size) for o in tile_origins(self._grid.shape, size, margin)]
         job = PrecomputeJob(self._predictor, rois, progress)
         return job.start() if background else job.run()
 

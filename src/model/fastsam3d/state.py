@@ -11,7 +11,7 @@ from .errors import InputError
 from .field import Box, LogitField, Patch, empty_box
 from .geometry import MODEL_SPACING
 from .refine import RefineSettings
-from .roi import Roi
+from .roi import REUSE_MARGIN, ROI_SIZE, STRIDE, Roi
 from .zoom import FINE_SPACING
 
 POINT_POLICIES = ("newest", "all")
@@ -34,7 +34,8 @@ class SessionSettings:
         reuse_cached_rois: a click that needs a new ROI takes an already encoded ROI that
             holds it at least ``reuse_margin`` voxels from its borders instead of encoding a
             new centred one (this is what makes :meth:`Session.precompute` useful).
-        reuse_margin: see ``reuse_cached_rois``.
+        reuse_margin: see ``reuse_cached_rois``; :meth:`Session.precompute` tiles the volume
+            so that every voxel is this far inside some ROI.
         max_extra_rois: how many neighbouring ROIs one click may add when the mask touches
             the ROI border (0 keeps every object inside one ROI).
         roi_overlap: overlap (voxels) between an ROI and a neighbour it continues into.
@@ -61,7 +62,7 @@ class SessionSettings:
     point_policy: str = "all"
     border_margin: int = 8
     reuse_cached_rois: bool = True
-    reuse_margin: int = 32
+    reuse_margin: int = REUSE_MARGIN
     max_extra_rois: int = 8
     roi_overlap: int = 32
     overwrite_committed: bool = False
@@ -79,6 +80,11 @@ class SessionSettings:
         for name in ("border_margin", "reuse_margin", "max_extra_rois", "roi_overlap", "max_undo"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.reuse_margin > (ROI_SIZE - STRIDE) // 2:
+            raise InputError(
+                f"reuse_margin must leave a central part of the {ROI_SIZE}^3 ROI, got "
+                f"{self.reuse_margin}"
+            )
         if self.roi_overlap % 4 or self.roi_overlap >= 64:
             raise InputError(
                 f"roi_overlap must be a multiple of 4 below 64, got {self.roi_overlap}"
