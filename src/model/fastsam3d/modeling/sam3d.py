@@ -298,10 +298,9 @@ class Sam3D(nn.Module):
         if self.mask_threshold != 0:
             return trilinear_upsample(low_res, factor) > self.mask_threshold
         size = (self.image_size,) * 3
-        mask = torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
         box = nonzero_box((low_res > 0).flatten(0, 1).any(0).cpu().numpy())
         if box is None:
-            return mask
+            return torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
         crop, out, local = [], [], []
         for s, n in zip(box, cells, strict=True):
             c0, c1 = max(s.start - 1, 0), min(s.stop + 1, n)
@@ -310,8 +309,11 @@ class Sam3D(nn.Module):
             crop.append(slice(c0, c1))
             out.append(slice(lo, hi))
             local.append(slice(lo - factor * c0, hi - factor * c0))
-        up = trilinear_upsample(low_res[(..., *crop)], factor)
-        mask[(..., *out)] = up[(..., *local)] > 0
+        inside = trilinear_upsample(low_res[(..., *crop)], factor)[(..., *local)] > 0
+        if inside.shape[2:] == size:
+            return inside
+        mask = torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
+        mask[(..., *out)] = inside
         return mask
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
