@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastsam3d import walker
 from fastsam3d.errors import InputError
 from fastsam3d.refine import RefineSettings, click_seeds, click_walker, coarsening, refine_mask
 from fastsam3d.walker import random_walker
@@ -180,3 +181,21 @@ def test_cuda_refinement_agrees_with_cpu():
     cpu = refine_mask(image, logits, [centre], [1], (0.8, 0.8, 1.5))
     cuda = refine_mask(image.cuda(), logits.cuda(), [centre], [1], (0.8, 0.8, 1.5))
     assert cuda.is_cuda and _dice(cuda.cpu(), cpu) > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("iterations", [200, 30])
+def test_cuda_graph_steps_equal_eager_steps(monkeypatch, iterations):
+    shape, centre = (40, 36, 20), (20, 18, 10)
+    image = (_ball(shape, centre, 9) < 0).float() * 100 + torch.randn(shape) * 3
+    seeds = torch.full(shape, -1, dtype=torch.int8)
+    seeds[20, 18, 10], seeds[0] = 1, 0
+    prior = torch.sigmoid(-_ball(shape, centre, 11))
+    args = (image.cuda(), seeds.cuda())
+    kwargs = {"prior": prior.cuda(), "gamma": 0.01, "iterations": iterations, "tol": 1e-6}
+    monkeypatch.setattr(walker, "GRAPH_STEPS", False)
+    eager = random_walker(*args, **kwargs)
+    monkeypatch.setattr(walker, "GRAPH_STEPS", True)
+    graphed = random_walker(*args, **kwargs)
+    assert torch.equal(graphed, eager)
+    assert not torch.equal(eager, random_walker(*args, **{**kwargs, "iterations": 8}))

@@ -19,8 +19,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .modeling.fast_path import capture_graph
+
 CHECK_EVERY = 4
 """Conjugate-gradient steps between two convergence checks."""
+GRAPH_STEPS = True
+"""On CUDA, replay the steps between two checks as one CUDA graph (captured once per solve,
+after the first checks' steps ran as they are): the same kernels without their launch costs."""
 
 
 def edge_weights(
@@ -125,20 +130,34 @@ def random_walker(
     z = residual * inverse_diag
     direction = z.clone()
     rz = torch.dot(residual.flatten(), z.flatten())
+    rz_new = torch.empty_like(rz)
     stop = tol * rhs.norm().clamp(min=1e-20)
     a_dir, masked = torch.empty_like(x), torch.empty_like(x)
-    for step in range(iterations):
-        # every CHECK_EVERY steps: on a GPU the comparison waits for the device
-        if step % CHECK_EVERY == 0 and torch.mul(residual, unknown, out=masked).norm() < stop:
+
+    def steps(count: int) -> None:
+        """``count`` conjugate-gradient steps, in place (a CUDA graph can replay them)."""
+        for _ in range(count):
+            laplacian(direction, weights, diagonal, out=a_dir)
+            alpha = rz / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
+            x.addcmul_(alpha, direction)
+            residual.addcmul_(alpha, a_dir, value=-1)
+            torch.mul(residual, inverse_diag, out=z)
+            torch.dot(residual.flatten(), z.flatten(), out=rz_new)
+            direction.mul_(rz_new / rz).add_(z)
+            rz.copy_(rz_new)
+
+    graph = None
+    for step in range(0, iterations, CHECK_EVERY):
+        # on a GPU the comparison waits for the device
+        if torch.mul(residual, unknown, out=masked).norm() < stop:
             break
-        laplacian(direction, weights, diagonal, out=a_dir)
-        alpha = rz / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
-        x.addcmul_(alpha, direction)
-        residual.addcmul_(alpha, a_dir, value=-1)
-        torch.mul(residual, inverse_diag, out=z)
-        rz_new = torch.dot(residual.flatten(), z.flatten())
-        direction.mul_(rz_new / rz).add_(z)
-        rz = rz_new
+        count = min(CHECK_EVERY, iterations - step)
+        if graph is not None and count == CHECK_EVERY:
+            graph.replay()
+            continue
+        steps(count)
+        if x.is_cuda and GRAPH_STEPS and count == CHECK_EVERY:
+            graph = capture_graph(lambda: steps(CHECK_EVERY))
     return (x * unknown + fixed).clamp(0, 1)
 
 
