@@ -19,8 +19,8 @@ STRIDE = 4
 """Low-res logits cover the ROI at this stride (128^3 input -> 32^3 logits)."""
 REUSE_MARGIN = 40
 """A session reuses an encoded ROI for a click at least this many voxels from its borders
-(``SessionSettings.reuse_margin``; 32 lost 0.01-0.04 of mean Dice through the session on the
-held-out CT against 40, docs/RESULTS.md)."""
+(``SessionSettings.reuse_margin``; through the session on the held-out CT, 32 lost up to 0.04
+of mean Dice at some click counts against 40, 0.013 averaged over 10 clicks; docs/RESULTS.md)."""
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from .modeling.fast_path import capture_graph
 CHECK_EVERY = 4
 """Conjugate-gradient steps between two convergence checks."""
 GRAPH_STEPS = True
-"""On CUDA, replay the steps between two checks as one CUDA graph (captured once per solve,
-after the first checks' steps ran as they are): the same kernels without their launch costs."""
+"""On CUDA, replay the steps between two checks as one CUDA graph, captured once per solve
+after the first ``CHECK_EVERY`` steps ran eagerly: the same kernels without their launch
+costs."""
 
 
 def edge_weights(

@@ -50,10 +50,11 @@ class GraphCache:
 def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of ``fn``'s kernels (recorded, not run) on a side stream.
 
-    Unlike ``torch.cuda.graph`` it neither collects garbage nor empties the allocator's cache
-    before the capture (milliseconds in a large process), and only this thread's CUDA calls
-    must be capturable (``thread_local``: a precompute thread may encode meanwhile). ``fn``
-    must have run eagerly before, so that its libraries are initialised.
+    Unlike ``torch.cuda.graph`` it neither waits for the device nor empties the allocator's
+    caches before the capture (later allocations would ask the driver again), and only this
+    thread's CUDA calls must be capturable (``thread_local``: a precompute thread may encode
+    meanwhile). ``fn`` must have run eagerly before, so that the libraries it calls are
+    initialised.
     """
     current = torch.cuda.current_stream()
     stream = torch.cuda.Stream(current.device)
