@@ -259,9 +259,6 @@ def test_inverse_equals_model_upsampling_at_voxel_centres(perm, flips):
     assert inside.sum() > 0.5 * 128**3
 
 
-# ---------------------------------------------------------------- normalisation
-
-
 @pytest.mark.parametrize("margin", [32, 40, 56])
 @pytest.mark.parametrize("shape", [(300, 90, 129), (128, 200, 64)])
 def test_precompute_tiles_hold_every_voxel_with_their_margin(shape, margin):
@@ -277,6 +274,9 @@ def test_precompute_tiles_hold_every_voxel_with_their_margin(shape, margin):
     assert len(fewer) <= len(origins)
     with pytest.raises(ValueError, match="central part"):
         tile_origins(shape, margin=63)
+
+
+# ---------------------------------------------------------------- normalisation
 
 
 def test_normalise_is_z_score_over_positive_voxels_with_clip():
