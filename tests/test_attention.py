@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fastsam3d.modeling.attention import (
-    SCRATCH,
     RelPosAttention3D,
     decomposed_rel_pos_bias,
     rel_pos_bias_product,
     rel_pos_projections,
     rel_pos_terms,
 )
+from fastsam3d.modeling.common import SCRATCH
 from fastsam3d.modeling.configs import ModelConfig, build_model
 from fastsam3d.modeling.sparse_attention import (
     dilated_indices,
@@ -68,6 +68,15 @@ def test_scratch_buffers_are_per_thread():
     thread.join()
     assert SCRATCH.get("t", (4,), torch.float32) is mine
     assert theirs[0].data_ptr() != mine.data_ptr()
+
+
+def test_scratch_buffer_made_in_inference_mode_is_writable_outside_it():
+    with torch.inference_mode():
+        made = SCRATCH.get("inference", (4,), torch.float32)
+    with torch.no_grad():
+        torch.mul(torch.ones(4), 2, out=SCRATCH.get("inference", (4,), torch.float32))
+    assert SCRATCH.get("inference", (4,), torch.float32) is made
+    assert torch.equal(made, torch.full((4,), 2.0))
 
 
 def test_teacher_window_fold_is_exact():

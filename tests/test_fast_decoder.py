@@ -63,6 +63,23 @@ def test_fp32_fast_decoder_matches_the_reference_to_fp32_rounding():
     assert (fast_mask != mask).sum() <= 10
 
 
+def test_cpu_decoder_reuses_its_upscaling_buffer_outside_autograd():
+    """The prepared CPU decoder writes its second upscaling into one buffer per thread; with
+    autograd on it computes without the buffer (in-place products take no gradients) and gives
+    the same values."""
+    fast = random_model().prepare_inference(cuda_graphs=False)
+    assert fast.mask_decoder.reuse_buffers
+    emb = torch.randn(1, 48, 8, 8, 8)
+    points, labels = torch.tensor([[[60.0, 64.0, 70.0]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        first = fast.decode(emb, points, labels)[0]
+        again = fast.decode(emb, points, labels)[0]
+    tracked = fast.decode(emb.requires_grad_(), points, labels)[0]
+    assert torch.equal(first, again)
+    assert tracked.requires_grad
+    assert torch.allclose(tracked.detach(), first, rtol=0, atol=1e-6)
+
+
 def test_int8_mode_keeps_the_decoder_fp32_and_the_state_dict():
     """``dtype=torch.int8`` quantises the encoder only: int8 products in the decoder did not
     pay (int8 upscaling: Dice min 0.97 against fp32 on real CT; token layers: no faster), so

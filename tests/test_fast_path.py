@@ -288,8 +288,10 @@ def test_channels_last_mask_path_equals_the_layers():
         dense = prompts.downscale(previous)
         prompts.downscale_as_gemm = True
         masks = decoder.masks_from_upscaled(decoder.upscale_tokens(tokens), hyper, (8, 8, 8))
+        in_buffer = decoder.masks_in_buffer(decoder.upscale_once(tokens), hyper, (8, 8, 8))
         dense_gemm = prompts.downscale(previous)
     assert torch.allclose(masks, expected, atol=1e-12)
+    assert torch.equal(in_buffer, masks)
     assert torch.allclose(dense_gemm, dense, atol=1e-12)
 
 

@@ -19,13 +19,12 @@ Backends (chosen once, stored on the layer; see :data:`ATTENTION_BACKENDS`):
   layer's ``sparse_pairs``; equals dense for one pair (N, 1).
 """
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .augmented_attention import augmented_attention, key_one_hot
+from .common import SCRATCH
 from .sparse_attention import sparse_dilated_attention
 
 ATTENTION_BACKENDS = ("math", "sdpa", "flash", "sparse")
@@ -158,28 +157,6 @@ def rel_pos_bias_product(
         dim=-1,
     )
     return tables @ key_one_hot(size, rel_d.dtype, rel_d.device).t()
-
-
-class ScratchBuffers(threading.local):
-    """Work tensors reused from call to call, one set per thread.
-
-    On a VM each freshly mapped page costs about a microsecond to fault in: the 6 MB logits
-    of a 512-token attention, allocated anew at every call, cost as much as their product.
-    """
-
-    def __init__(self) -> None:
-        self.tensors: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The CPU tensor ``name`` of this shape and dtype (uninitialised on first use)."""
-        key = (name, tuple(shape), dtype)
-        tensor = self.tensors.get(key)
-        if tensor is None:
-            tensor = self.tensors[key] = torch.empty(shape, dtype=dtype, device="cpu")
-        return tensor
-
-
-SCRATCH = ScratchBuffers()
 
 
 def bf16_cpu_attention(

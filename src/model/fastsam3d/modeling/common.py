@@ -1,11 +1,38 @@
 """Small building blocks shared by the encoder, prompt encoder and decoder."""
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import fused_kernels
 from .quantized import gemm
+
+
+class ScratchBuffers(threading.local):
+    """Work tensors reused from call to call, one set per thread.
+
+    On a VM each freshly mapped page costs about a microsecond to fault in: the 6 MB logits
+    of a 512-token attention, allocated anew at every call, cost as much as their product.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The CPU tensor ``name`` of this shape and dtype (uninitialised on first use; a
+        normal tensor even under ``torch.inference_mode``, so that later calls outside it
+        may write to it)."""
+        key = (name, tuple(shape), dtype)
+        tensor = self.tensors.get(key)
+        if tensor is None:
+            with torch.inference_mode(False):
+                tensor = self.tensors[key] = torch.empty(shape, dtype=dtype, device="cpu")
+        return tensor
+
+
+SCRATCH = ScratchBuffers()
 
 
 class ChannelLayerNorm(nn.Module):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .common import MLP, ChannelLayerNorm, channel_norm_gelu
+from .common import MLP, SCRATCH, ChannelLayerNorm, channel_norm_gelu
 from .derived import DerivedTensors
 from .fast_path import in_parallel
 from .quantized import gemm
@@ -92,7 +92,9 @@ class MaskDecoder3D(SamMaskDecoder):
     upscaling as matrix products on channels-last tokens; ``attention_form`` says how the
     transformer's attention computes (:data:`.transformer.FORMS`); ``parallel_streams`` (CUDA)
     runs the upscaling on a second stream beside the last attention and the heads, and
-    ``fused_norms`` its LayerNorm and GELU as one Triton kernel.
+    ``fused_norms`` its LayerNorm and GELU as one Triton kernel; ``reuse_buffers`` (CPU) runs
+    the second upscaling and its GELU in a buffer kept between clicks (:meth:`masks_in_buffer`;
+    inference only, the buffer is written in place).
     """
 
     def __init__(self, **kwargs) -> None:
@@ -102,6 +104,7 @@ class MaskDecoder3D(SamMaskDecoder):
         self._block_kernels = (DerivedTensors(), DerivedTensors())
         self.parallel_streams = False
         self.fused_norms = False
+        self.reuse_buffers = False
 
     def forward(
         self,
@@ -164,6 +167,9 @@ class MaskDecoder3D(SamMaskDecoder):
             b, c, x, y, z = upscaled.shape
             masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
             return masks, iou
+        if self.reuse_buffers and not src.is_cuda and not torch.is_grad_enabled():
+            hyper_in, iou = token_outputs()
+            return self.masks_in_buffer(self.upscale_once(src), hyper_in, (x, y, z)), iou
         if self.parallel_streams and src.is_cuda:
             upscaled, (hyper_in, iou) = in_parallel(lambda: self.upscale_tokens(src), token_outputs)
         else:
@@ -191,26 +197,44 @@ class MaskDecoder3D(SamMaskDecoder):
     def upscale_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` of the image tokens (B, N, C) without channels-first copies:
         each token's 4x4x4 block as matrix products -> (B, N * 64, C // 8)."""
-        up1, norm, _, up2, act2 = self.output_upscaling
-        first, second = self._block_kernels
-        y = conv_transpose_blocks(tokens, up1, first)
-        y = channel_norm_gelu(y, norm, self.fused_norms)
-        y = act2(conv_transpose_blocks(y, up2, second))
+        up2, act2 = self.output_upscaling[3:]
+        y = act2(conv_transpose_blocks(self.upscale_once(tokens), up2, self._block_kernels[1]))
         return y.reshape(tokens.shape[0], -1, y.shape[-1])
+
+    def upscale_once(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first upscaling with its LayerNorm and GELU: (B, N, C) -> (B, N, 8, C // 4),
+        each token's 2x2x2 block."""
+        up1, norm = self.output_upscaling[:2]
+        y = conv_transpose_blocks(tokens, up1, self._block_kernels[0])
+        return channel_norm_gelu(y, norm, self.fused_norms)
 
     def masks_from_upscaled(
         self, upscaled: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
     ) -> torch.Tensor:
-        """The mask product of :meth:`upscale_tokens`' output and one shuffle of the small
-        masks into (B, M, 4x, 4h, 4w)."""
-        batch = upscaled.shape[0]
-        masks = upscaled @ hyper_in.transpose(1, 2)
-        x, h, w = grid
-        # two 2x shuffles: one 11-d permute is several times slower than both
-        masks = masks.view(batch, x, h, w, 2, 2, 2, 8, -1).permute(0, 8, 1, 4, 2, 5, 3, 6, 7)
-        masks = masks.reshape(batch, -1, 2 * x, 2 * h, 2 * w, 2, 2, 2)
-        masks = masks.permute(0, 1, 2, 5, 3, 6, 4, 7)
-        return masks.reshape(batch, -1, 4 * x, 4 * h, 4 * w)
+        """The mask product of :meth:`upscale_tokens`' output and :func:`shuffle_masks`."""
+        return shuffle_masks(upscaled @ hyper_in.transpose(1, 2), grid)
+
+    def masks_in_buffer(
+        self, upscaled_once: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """:meth:`masks_from_upscaled` of :meth:`upscale_once`'s output, the second upscaling
+        and its GELU written into one buffer reused from click to click.
+
+        The (N * 64, C // 8) activations are 6 MB at full size: allocated anew at each click
+        they cost a CPU about 4000 page faults per decode in a process whose allocator hands
+        such blocks back to the system (a fresh one, as in a napari session before any large
+        array was freed). The same products, so the same values.
+        """
+        up2, act2 = self.output_upscaling[3:]
+        weight, bias = self._block_kernels[1].get(up2.parameters(), lambda: block_kernel(up2))
+        rows = upscaled_once.reshape(upscaled_once.shape[0], -1, upscaled_once.shape[-1])
+        masks = rows.new_empty(rows.shape[0], rows.shape[1] * 8, hyper_in.shape[1])
+        work = SCRATCH.get("upscaled", (rows.shape[1], weight.shape[0]), rows.dtype)
+        for b, image in enumerate(rows):
+            upscaled = torch.addmm(bias, image, weight.t(), out=work)
+            torch.ops.aten.gelu_(upscaled, approximate=act2.approximate)
+            torch.mm(upscaled.view(-1, up2.weight.shape[1]), hyper_in[b].t(), out=masks[b])
+        return shuffle_masks(masks, grid)
 
     def upscale(self, src: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` (8^3 -> 32^3); as matrix products with ``upscale_as_gemm``."""
@@ -218,3 +242,15 @@ class MaskDecoder3D(SamMaskDecoder):
             return self.output_upscaling(src)
         up1, norm, act1, up2, act2 = self.output_upscaling
         return act2(conv_transpose_2x(act1(norm(conv_transpose_2x(src, up1))), up2))
+
+
+def shuffle_masks(masks: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Masks per upscaled token (B, N * 64, M), tokens on a ``grid``, each with its 4x4x4
+    block as two nested 2x2x2 ones -> (B, M, 4x, 4h, 4w)."""
+    batch = masks.shape[0]
+    x, h, w = grid
+    # two 2x shuffles: one 11-d permute is several times slower than both
+    masks = masks.view(batch, x, h, w, 2, 2, 2, 8, -1).permute(0, 8, 1, 4, 2, 5, 3, 6, 7)
+    masks = masks.reshape(batch, -1, 2 * x, 2 * h, 2 * w, 2, 2, 2)
+    masks = masks.permute(0, 1, 2, 5, 3, 6, 4, 7)
+    return masks.reshape(batch, -1, 4 * x, 4 * h, 4 * w)

@@ -111,7 +111,8 @@ class Sam3D(nn.Module):
         convolutions as matrix products; in bf16 / fp16 on CUDA each MLP's first product also
         applies its GELU in the product's epilogue (:class:`.common.MLPBlock`). The prompt
         encoder and decoder stay fp32: on a CPU the decoder's token layers run as
-        :class:`.common.FewRowsLinear` and its cross-attention "folded"; on CUDA, where a
+        :class:`.common.FewRowsLinear`, its cross-attention "folded" and its last upscaling
+        in a buffer reused from click to click; on CUDA, where a
         click is a chain of small kernels, its attention runs "merged"
         (:mod:`.merged_attention`), its ReLUs in the products' epilogues, residual sums with
         their LayerNorms and the mask's upsampling with its threshold as Triton kernels
@@ -174,6 +175,7 @@ class Sam3D(nn.Module):
                 isinstance(module, MLPBlock) and isinstance(module.act, nn.ReLU)
             ):
                 module.fused_relu = device.type == "cuda"
+        self.mask_decoder.reuse_buffers = device.type == "cpu"
         if device.type == "cpu":
             for module in self.mask_decoder.modules():
                 if type(module) is nn.Linear:
@@ -272,6 +274,7 @@ class Sam3D(nn.Module):
             return low_res, iou
         return low_res, iou, self.threshold_logits(low_res)
 
+    @torch.no_grad()  # a bool mask has no gradient; the sparse path writes in place
     def threshold_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """``upsample_logits(low_res) > mask_threshold`` as a bool mask.
 
