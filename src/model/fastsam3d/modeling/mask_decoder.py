@@ -167,7 +167,7 @@ class MaskDecoder3D(SamMaskDecoder):
             b, c, x, y, z = upscaled.shape
             masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
             return masks, iou
-        if self.reuse_buffers and not src.is_cuda and not torch.is_grad_enabled():
+        if self.reuse_buffers and src.device.type == "cpu" and not torch.is_grad_enabled():
             hyper_in, iou = token_outputs()
             return self.masks_in_buffer(self.upscale_once(src), hyper_in, (x, y, z)), iou
         if self.parallel_streams and src.is_cuda:
@@ -221,9 +221,9 @@ class MaskDecoder3D(SamMaskDecoder):
         and its GELU written into one buffer reused from click to click.
 
         The (N * 64, C // 8) activations are 6 MB at full size: allocated anew at each click
-        they cost a CPU about 4000 page faults per decode in a process whose allocator hands
-        such blocks back to the system (a fresh one, as in a napari session before any large
-        array was freed). The same products, so the same values.
+        they cost about 4000 page faults per decode in a process whose allocator hands such
+        blocks back to the system (measured in a fresh process that only decodes; not in a
+        session that had loaded a volume). The same products, so the same values.
         """
         up2, act2 = self.output_upscaling[3:]
         weight, bias = self._block_kernels[1].get(up2.parameters(), lambda: block_kernel(up2))
