@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from napari_fastsam3d._layers import LABELS_NAME, PROMPTS_NAME
 
@@ -76,13 +77,31 @@ def test_screenshot_shows_the_mask(qtbot, make_napari_viewer, sample_ct_path, mo
     assert _mask_coloured_pixels(hidden) < 50
 
 
-def test_benchmark_report_replaces_only_its_own_section(tmp_path):
+def latency_benchmark():
+    """``benchmarks/plugin_latency.py`` as a module."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "plugin_latency.py"
     spec = importlib.util.spec_from_file_location("plugin_latency", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_runs_torch_work_on_threads_that_end():
+    import threading
+
+    bench = latency_benchmark()
+    worker = bench.in_own_thread(threading.current_thread)
+    assert worker is not threading.current_thread()
+    assert not worker.is_alive()
+    assert bench.in_own_thread(sum, [1, 2]) == 3
+    with pytest.raises(ValueError):
+        bench.in_own_thread(int, "not a number")
+
+
+def test_benchmark_report_replaces_only_its_own_section(tmp_path):
+    bench = latency_benchmark()
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\n## model speed\n\nkeep me\n")
     results = [(1000.0, 900.0, 800.0)] + [(100.0 + i, 90.0, 80.0) for i in range(5)]

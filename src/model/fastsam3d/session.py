@@ -298,7 +298,9 @@ class Session:
             progress: called as ``progress(done, total)`` after each ROI (from the worker
                 thread when ``background``).
             background: run in a daemon thread (cancel with ``job.cancel()``); False runs
-                here and returns the finished job.
+                here and returns the finished job. On a CPU, clicks from another thread
+                while that thread lives take about twice as long (two threads' OpenMP teams
+                outnumber the cores; docs/BENCHMARKS.md, "napari click latency").
         """
         size, margin = self._predictor.roi_size, self._settings.reuse_margin
         rois = [Roi(o, size) for o in tile_origins(self._grid.shape, size, margin)]
