@@ -90,6 +90,28 @@ def test_click_gives_mask_at_the_clicked_place(qtbot, blob_viewer, stand_in):
     assert "mm grid" in widget.status_label.text()
 
 
+def test_gui_thread_runs_no_torch(qtbot, blob_viewer, stand_in):
+    """Only the model thread runs torch: a second thread that has run torch gives libgomp two
+    teams that outnumber a CPU's cores, and every click then takes about twice as long."""
+    from torch.overrides import TorchFunctionMode
+
+    class Recorder(TorchFunctionMode):  # torch function modes are per thread
+        calls: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(getattr(func, "__name__", repr(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        widget = dock(blob_viewer)
+        ready(qtbot, widget, stand_in)
+        click(blob_viewer, widget, (20, 18, 12))
+        wait_for_labels(qtbot, widget, lambda d: d.any())
+        widget.undo()
+        wait_for_labels(qtbot, widget, lambda d: not d.any())
+    assert recorder.calls == []
+
+
 def test_snap_to_edges_toggle_renders_the_object_again(qtbot, blob_viewer):
     from fastsam3d.stand_in import ThresholdModel
 
