@@ -119,8 +119,9 @@ def in_own_thread(fn, *args):
 
     torch's OpenMP threads belong to the Python thread that started them and end with it.
     Once two Python threads of a process have run torch on a CPU, their OpenMP threads
-    outnumber the cores, libgomp stops spin-waiting between parallel regions, and every
-    click takes about 1.8x as long on 2 cores (measured here). The plugin runs all torch
+    outnumber the cores, libgomp spin-waits 100 times instead of 300,000 before sleeping
+    (its ``GOMP_SPINCOUNT`` rule), and every click takes about 1.8x as long on 2 cores
+    (measured here). The plugin runs all torch
     work on its model thread, so the benchmark keeps every other torch call off the threads
     that outlive it.
     """
