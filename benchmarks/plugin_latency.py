@@ -121,9 +121,8 @@ def in_own_thread(fn, *args):
     Once two Python threads of a process have run torch on a CPU, their OpenMP threads
     outnumber the cores, libgomp spin-waits 100 times instead of 300,000 before sleeping
     (its ``GOMP_SPINCOUNT`` rule), and every click takes about 1.8x as long on 2 cores
-    (measured here). The plugin runs all torch
-    work on its model thread, so the benchmark keeps every other torch call off the threads
-    that outlive it.
+    (measured here). The plugin runs all torch work on its model thread, so the benchmark
+    keeps every other torch call off the threads that outlive it.
     """
     outcome: dict = {}
 
