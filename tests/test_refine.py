@@ -1,5 +1,7 @@
 """The random walker with a prior (fastsam3d.walker) and the mask refinement (fastsam3d.refine)."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,40 @@ def _ball(shape, centre, radius):
 
 def _dice(a, b) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 3), (1, 6, 7), (6, 1, 1), (4, 5, 1)])
+def test_the_flat_laplacian_is_the_graph_laplacian(shape):
+    """Each voxel couples to its six face neighbours only: the flat index offsets must not
+    wrap from one row or plane into the next."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(shape, generator=generator)
+    x = torch.randn(shape, generator=generator)
+    weights = walker.edge_weights(image, beta=5.0)
+    expected = torch.zeros(shape, dtype=torch.float64)
+    for axis, w in enumerate(weights):
+        n = shape[axis]
+        w, x64 = w.double(), x.double()
+        step = x64.narrow(axis, 0, n - 1) - x64.narrow(axis, 1, n - 1)
+        expected.narrow(axis, 0, n - 1).add_(w * step)
+        expected.narrow(axis, 1, n - 1).sub_(w * step)
+    edges = walker.flat_edges(weights, shape)
+    torch.testing.assert_close(walker.laplacian(x, edges).double(), expected)
+    degree = walker.laplacian(torch.ones(shape), edges, torch.zeros(shape)).neg()
+    torch.testing.assert_close(walker.degree(edges, shape), degree)
+
+
+def test_the_walker_takes_permuted_inputs():
+    """Arrays in another memory order (a transposed volume) give the same solution."""
+    image = torch.rand(6, 7, 8, generator=torch.Generator().manual_seed(1))
+    seeds = torch.full(image.shape, -1, dtype=torch.int8)
+    seeds[1, 1, 1], seeds[4, 5, 6] = 1, 0
+    prior = torch.full(image.shape, 0.3)
+    solve = functools.partial(random_walker, beta=5.0, gamma=0.1, iterations=500, tol=1e-6)
+    expected = solve(image, seeds, prior=prior)
+    permuted = [t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in (image, seeds, prior)]
+    assert not permuted[0].is_contiguous()
+    torch.testing.assert_close(solve(permuted[0], permuted[1], prior=permuted[2]), expected)
 
 
 def test_a_strong_prior_is_returned_and_no_prior_is_the_plain_walker():

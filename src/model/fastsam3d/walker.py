@@ -14,6 +14,7 @@ terms)``; Jacobi-preconditioned conjugate gradients find it without building the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,33 +47,51 @@ def edge_weights(
     return weights
 
 
+def flat_edges(weights: list[torch.Tensor], shape) -> list[tuple[int, torch.Tensor]]:
+    """The edges of :func:`edge_weights` on the flattened grid: per axis, the flat-index
+    offset from a voxel to its next neighbour along that axis and the weight of each such
+    edge (0 where the next flat index lies on another row), so that every product below runs
+    on contiguous memory."""
+    size = math.prod(shape)
+    edges = []
+    for axis, w in enumerate(weights):
+        offset = math.prod(shape[axis + 1 :])
+        full = w.new_zeros(shape)
+        full.narrow(axis, 0, shape[axis] - 1).copy_(w)
+        edges.append((offset, full.view(-1)[: size - offset]))
+    return edges
+
+
 def laplacian(
     x: torch.Tensor,
-    weights: list[torch.Tensor],
+    edges: list[tuple[int, torch.Tensor]],
     diagonal: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Graph Laplacian times x: sum over neighbours j of w_ij (x_i - x_j).
 
-    ``diagonal`` replaces the degree (precomputed, possibly plus a constant such as the
-    prior weight: then the product is ``(L + diagonal - degree) x``); ``out`` receives the
-    product (a buffer reused across the steps of a solve).
+    ``edges`` from :func:`flat_edges`; ``diagonal`` replaces the degree (precomputed, possibly
+    plus a constant such as the prior weight: then the product is ``(L + diagonal - degree)
+    x``); ``out`` (contiguous) receives the product (a buffer reused across the steps of a
+    solve).
     """
-    out = torch.mul(x, degree(weights, x.shape) if diagonal is None else diagonal, out=out)
-    for axis, w in enumerate(weights):
-        n = x.shape[axis]
-        out.narrow(axis, 0, n - 1).addcmul_(w, x.narrow(axis, 1, n - 1), value=-1)
-        out.narrow(axis, 1, n - 1).addcmul_(w, x.narrow(axis, 0, n - 1), value=-1)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x, degree(edges, x.shape) if diagonal is None else diagonal, out=out)
+    flat, product, size = x.reshape(-1), out.view(-1), x.numel()
+    for offset, w in edges:
+        product[: size - offset].addcmul_(w, flat[offset:], value=-1)
+        product[offset:].addcmul_(w, flat[: size - offset], value=-1)
     return out
 
 
-def degree(weights: list[torch.Tensor], shape) -> torch.Tensor:
-    """Sum of each voxel's edge weights."""
-    out = torch.zeros(shape, device=weights[0].device)
-    for axis, w in enumerate(weights):
-        n = shape[axis]
-        out.narrow(axis, 0, n - 1).add_(w)
-        out.narrow(axis, 1, n - 1).add_(w)
+def degree(edges: list[tuple[int, torch.Tensor]], shape) -> torch.Tensor:
+    """Sum of each voxel's edge weights (``edges`` from :func:`flat_edges`)."""
+    out = edges[0][1].new_zeros(shape)
+    flat, size = out.view(-1), out.numel()
+    for offset, w in edges:
+        flat[: size - offset].add_(w)
+        flat[offset:].add_(w)
     return out
 
 
@@ -107,20 +126,22 @@ def random_walker(
     Returns:
         (X, Y, Z) float probabilities in [0, 1] (seeds keep their value).
     """
-    weights = edge_weights(image.float(), beta, spacing)
+    # contiguous, so that the solve's buffers (``empty_like``) are too
+    image, seeds = image.float().contiguous(), seeds.contiguous()
+    weights = flat_edges(edge_weights(image, beta, spacing), image.shape)
     unknown = (seeds < 0).float()
     fixed = (seeds == 1).float()
     diagonal = degree(weights, image.shape)
     rhs = -laplacian(fixed, weights, diagonal)
     if prior is not None and gamma > 0:
-        prior = prior.float()
+        prior = prior.float().contiguous()
         rhs.add_(prior, alpha=gamma)
         diagonal = diagonal + gamma
         x = prior * unknown
     else:
         x = torch.zeros_like(rhs)
     if initial is not None:
-        x = initial.float() * unknown
+        x = initial.float().contiguous() * unknown
     rhs.mul_(unknown)
     inverse_diag = unknown / diagonal.clamp(min=1e-12)
 
