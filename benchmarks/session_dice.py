@@ -8,6 +8,10 @@ Dice on the whole volume after each click. Same clicks for every setting compare
     python benchmarks/session_dice.py --image CT.nii.gz --labels SEG.nii.gz --json out.json
     python benchmarks/session_dice.py ... --no-refine      # thresholded logits, no refinement
     python benchmarks/session_dice.py ... --click-walker off  # refinement from the model alone
+    python benchmarks/session_dice.py ... --exact  # the unprepared exact fp32 reference model
+
+The model runs its fast path (``prepare_inference()``), as the napari plugin and the CLI load
+it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def main() -> None:
     parser.add_argument("--refine-beta", type=float, help="RefineSettings.beta (default: its own)")
     parser.add_argument("--refine-prior", type=float, help="RefineSettings.prior_weight")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--exact", action="store_true", help="the exact fp32 reference (no prepare_inference)"
+    )
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -56,6 +63,8 @@ def main() -> None:
     if labels.shape != volume.shape:
         raise SystemExit(f"labels {labels.shape} and image {volume.shape} differ")
     model = fastsam3d.load_model(args.model, args.device)
+    if not args.exact:
+        model = model.prepare_inference()
     chosen = {
         "beta": args.refine_beta,
         "prior_weight": args.refine_prior,
