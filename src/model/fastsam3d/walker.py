@@ -50,8 +50,8 @@ def edge_weights(
 def flat_edges(weights: list[torch.Tensor], shape) -> list[tuple[int, torch.Tensor]]:
     """The edges of :func:`edge_weights` on the flattened grid: per axis, the flat-index
     offset from a voxel to its next neighbour along that axis and the weight of each such
-    edge (0 where the next flat index lies on another row), so that every product below runs
-    on contiguous memory."""
+    edge (0 where the next flat index lies on another row or plane), so that every product
+    below runs on contiguous memory."""
     size = math.prod(shape)
     edges = []
     for axis, w in enumerate(weights):
@@ -128,11 +128,11 @@ def random_walker(
     """
     # contiguous, so that the solve's buffers (``empty_like``) are too
     image, seeds = image.float().contiguous(), seeds.contiguous()
-    weights = flat_edges(edge_weights(image, beta, spacing), image.shape)
+    edges = flat_edges(edge_weights(image, beta, spacing), image.shape)
     unknown = (seeds < 0).float()
     fixed = (seeds == 1).float()
-    diagonal = degree(weights, image.shape)
-    rhs = -laplacian(fixed, weights, diagonal)
+    diagonal = degree(edges, image.shape)
+    rhs = -laplacian(fixed, edges, diagonal)
     if prior is not None and gamma > 0:
         prior = prior.float().contiguous()
         rhs.add_(prior, alpha=gamma)
@@ -148,7 +148,7 @@ def random_walker(
     # The products below skip the mask of unknown voxels: the direction is zero on seeds, so
     # the seeds' rows of a product only reach the residual there, where the preconditioner
     # zeroes them; the convergence test masks them out.
-    residual = (rhs - laplacian(x, weights, diagonal)).mul_(unknown)
+    residual = (rhs - laplacian(x, edges, diagonal)).mul_(unknown)
     z = residual * inverse_diag
     direction = z.clone()
     rz = torch.dot(residual.flatten(), z.flatten())
@@ -159,7 +159,7 @@ def random_walker(
     def steps(count: int) -> None:
         """``count`` conjugate-gradient steps, in place (a CUDA graph can replay them)."""
         for _ in range(count):
-            laplacian(direction, weights, diagonal, out=a_dir)
+            laplacian(direction, edges, diagonal, out=a_dir)
             alpha = rz / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
             x.addcmul_(alpha, direction)
             residual.addcmul_(alpha, a_dir, value=-1)
