@@ -11,7 +11,7 @@ from test_modeling import DATA, student_config
 from fastsam3d.benchmark import format_table, run_benchmarks
 from fastsam3d.modeling import fused_kernels, sam3d
 from fastsam3d.modeling.attention import RelPosAttention3D
-from fastsam3d.modeling.common import FewRowsLinear, MLPBlock
+from fastsam3d.modeling.common import MLPBlock, store_input_major
 from fastsam3d.modeling.configs import build_model
 from fastsam3d.modeling.fast_path import GraphCache
 from fastsam3d.modeling.quantized import (
@@ -71,29 +71,28 @@ def test_decode_without_mask_and_batch_prompts():
     assert mask is None and low.shape == (2, 1, 32, 32, 32) and iou.shape == (2, 1)
 
 
-def test_few_rows_linear_equals_linear_and_keeps_the_keys():
+def test_input_major_linear_equals_linear_and_keeps_the_keys():
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 96)
-    few = copy.deepcopy(layer)
-    few.__class__ = FewRowsLinear
+    input_major = copy.deepcopy(layer)
+    store_input_major(input_major)
+    assert input_major.weight.stride() == (1, 96) and input_major.weight.shape == (96, 48)
     with torch.inference_mode():
-        for shape in ((1, 7, 48), (3, 48), (2, 100, 48)):  # the last: above max_rows
+        for shape in ((1, 7, 48), (3, 48), (2, 100, 48)):
             x = torch.randn(*shape)
-            torch.testing.assert_close(few(x), layer(x), rtol=1e-6, atol=1e-6)
-        no_bias = torch.nn.Linear(48, 96, bias=False)
-        plain = copy.deepcopy(no_bias)
-        no_bias.__class__ = FewRowsLinear
-        x = torch.randn(5, 48)
-        torch.testing.assert_close(no_bias(x), plain(x), rtol=1e-6, atol=1e-6)
-    assert few.state_dict().keys() == layer.state_dict().keys()
+            torch.testing.assert_close(input_major(x), layer(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(input_major.state_dict()["weight"], layer.state_dict()["weight"])
+    store_input_major(input_major)  # a second call keeps the layout
+    assert input_major.weight.stride() == (1, 96)
 
 
-def test_cpu_fast_path_switches_only_the_decoders_linear_layers():
+def test_cpu_fast_path_stores_only_the_decoders_linear_weights_input_major():
     reference, fast = tiny_pair(torch.float32)
-    switched = [type(m) is FewRowsLinear for m in fast.mask_decoder.modules()]
-    assert any(switched)
-    assert not any(type(m) is torch.nn.Linear for m in fast.mask_decoder.modules())
-    assert not any(isinstance(m, FewRowsLinear) for m in fast.image_encoder.modules())
+    decoder = [m for m in fast.mask_decoder.modules() if isinstance(m, torch.nn.Linear)]
+    encoder = [m for m in fast.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert decoder and encoder
+    assert all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in decoder)
+    assert all(m.weight.is_contiguous() for m in encoder)
     assert fast.state_dict().keys() == reference.state_dict().keys()
 
 

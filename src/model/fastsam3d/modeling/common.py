@@ -130,26 +130,14 @@ class MLPBlock(nn.Module):
         return self.lin2(self.act(self.lin1(x)))
 
 
-class FewRowsLinear(nn.Linear):
-    """``nn.Linear`` that computes a few rows (the decoder's prompt tokens) on a CPU as
-    ``W @ x^T``: MKL then streams the (out, in) weight once instead of packing it for a
-    product of few rows (the full-size decode 7 % faster on 2 cores, its layers'
-    weights being out of cache). Same parameters and state-dict keys; equal up to fp32
-    summation order. ``Sam3D.prepare_inference`` switches the CPU decoder's layers to it.
-    """
-
-    max_rows = 64
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > self.max_rows or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        columns = x.reshape(rows, -1).t()
-        if self.bias is None:
-            y = self.weight @ columns
-        else:
-            y = torch.addmm(self.bias[:, None], self.weight, columns)
-        return y.t().reshape(*x.shape[:-1], -1)
+def store_input_major(linear: nn.Linear) -> None:
+    """Keep ``linear``'s (out, in) weight in input-major memory (its transpose contiguous), in
+    place. ``F.linear`` then multiplies the few rows of the decoder's prompt tokens by a
+    contiguous (in, out) matrix, which MKL streams once: 2-6x faster per layer on a 2-core Intel
+    Xeon than the (out, in) layout, either through ``F.linear`` or as ``W @ x^T``
+    (docs/BENCHMARKS.md). Same parameter, shape and state-dict key; equal up to fp32
+    summation order."""
+    linear.weight.data = linear.weight.data.t().contiguous().t()
 
 
 class MLP(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 from ..sampling import nonzero_box
 from . import fused_kernels
 from .attention import RelPosAttention3D
-from .common import MLP, FewRowsLinear, MLPBlock
+from .common import MLP, MLPBlock, store_input_major
 from .fast_path import GraphCache
 from .quantized import native_bf16, quantize_int8
 from .upsample import trilinear_upsample
@@ -110,10 +110,10 @@ class Sam3D(nn.Module):
         fused attention (SDPA, the teacher's padded windows folded exactly) and its
         convolutions as matrix products; in bf16 / fp16 on CUDA each MLP's first product also
         applies its GELU in the product's epilogue (:class:`.common.MLPBlock`). The prompt
-        encoder and decoder stay fp32: on a CPU the decoder's token layers run as
-        :class:`.common.FewRowsLinear`, its cross-attention "folded" and its last upscaling
-        in a buffer reused from click to click; on CUDA, where a
-        click is a chain of small kernels, its attention runs "merged"
+        encoder and decoder stay fp32: on a CPU the decoder's token layers keep their weights
+        input-major (:func:`.common.store_input_major`), its cross-attention runs "folded" and
+        its last upscaling in a buffer reused from click to click; on CUDA, where a click is a
+        chain of small kernels, its attention runs "merged"
         (:mod:`.merged_attention`), its ReLUs in the products' epilogues, residual sums with
         their LayerNorms and the mask's upsampling with its threshold as Triton kernels
         (:mod:`.fused_kernels`), independent branches on two streams, and the whole click is
@@ -178,8 +178,8 @@ class Sam3D(nn.Module):
         self.mask_decoder.reuse_buffers = device.type == "cpu"
         if device.type == "cpu":
             for module in self.mask_decoder.modules():
-                if type(module) is nn.Linear:
-                    module.__class__ = FewRowsLinear
+                if isinstance(module, nn.Linear):
+                    store_input_major(module)
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.sparse_threshold = not graphs
         self.threshold_kernel = triton_kernels
