@@ -53,7 +53,10 @@ def interpolate_axis_aligned(field: np.ndarray, matrix: np.ndarray, start, shape
     """
     perm, scale, offset = _axis_map(matrix)
     out = field
-    for axis in range(3):
+    # the axes whose samples lie furthest apart first: shrinking axes before growing ones
+    # keeps the intermediate arrays small; the order depends on the scales alone, so that a
+    # block of ``field`` and the whole of it give the same numbers
+    for axis in sorted(range(3), key=lambda a: -abs(scale[a])):
         src = perm[axis]
         coords = scale[axis] * (start[src] + np.arange(shape[src])) + offset[axis]
         out = _sample_axis(out, coords, axis, order)
