@@ -25,6 +25,21 @@ def _dice(a, b) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
+def test_edge_weights_equal_the_unclamped_formula_to_the_bit():
+    """Strong edges drive the exponent far below ``EXP_FLOOR``: the clamp changes nothing."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(12, 10, 8, generator=generator)
+    image[4:] += 1000.0  # one edge thousands of times the mean squared difference
+    weights = walker.edge_weights(image, beta=90.0, spacing=(1.0, 1.0, 2.0))
+    diffs = [image.diff(dim=axis).square() for axis in range(3)]
+    scale = torch.cat([d.flatten() for d in diffs]).mean()
+    for axis, (w, d) in enumerate(zip(weights, diffs, strict=True)):
+        exponent = -90.0 * d / scale
+        expected = (torch.exp(exponent) + 1e-6) * (1.0 / (1.0, 1.0, 2.0)[axis]) ** 2
+        assert torch.equal(w, expected)
+    assert (-90.0 * diffs[0] / scale).min() < walker.EXP_FLOOR
+
+
 @pytest.mark.parametrize("shape", [(5, 4, 3), (1, 6, 7), (6, 1, 1), (4, 5, 1)])
 def test_the_flat_laplacian_is_the_graph_laplacian(shape):
     """Each voxel couples to its six face neighbours only: the flat index offsets must not

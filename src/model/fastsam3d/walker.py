@@ -24,6 +24,9 @@ from .modeling.fast_path import capture_graph
 
 CHECK_EVERY = 4
 """Conjugate-gradient steps between two convergence checks."""
+EXP_FLOOR = -80.0
+"""Edge-weight exponents are clamped here: ``exp(-80)`` is 1.8e-35, below half an ulp of the
+1e-6 added to every weight, so the weights stay equal to the bit."""
 GRAPH_STEPS = True
 """On CUDA, replay the steps between two checks as one CUDA graph, captured once per solve
 after the first ``CHECK_EVERY`` steps ran eagerly: the same kernels without their launch
@@ -40,7 +43,9 @@ def edge_weights(
     """
     diffs = [image.diff(dim=axis).square() for axis in range(3)]
     scale = torch.cat([d.flatten() for d in diffs]).mean().clamp(min=1e-12)
-    weights = [torch.exp(-beta * d / scale) + 1e-6 for d in diffs]
+    # below EXP_FLOOR the exponential adds nothing to the 1e-6 in float32, and its results
+    # there reach the subnormal range, which x86 CPUs compute tens of times slower
+    weights = [torch.exp((-beta * d / scale).clamp_(min=EXP_FLOOR)) + 1e-6 for d in diffs]
     if spacing is not None:
         finest = min(spacing)
         weights = [w * (finest / h) ** 2 for w, h in zip(weights, spacing, strict=True)]
