@@ -140,6 +140,33 @@ def test_cuda_graph_cache_replays_new_inputs():
     assert torch.equal(second, torch.full((4,), 7.0, device="cuda"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_cache_casts_into_its_input_buffers():
+    seen = []
+    cache = GraphCache(
+        lambda a, b: seen.append((a.dtype, b.dtype)) or (a.float() + b,), (torch.bfloat16,)
+    )
+    a = torch.tensor([1.0, 1 + 2**-10, 3.0], device="cuda")  # 1 + 2^-10 rounds to 1 in bf16
+    out = cache(a, torch.zeros(3, device="cuda"))[0]
+    assert set(seen) == {(torch.bfloat16, torch.float32)}
+    assert torch.equal(out, torch.tensor([1.0, 1.0, 3.0], device="cuda"))
+    assert torch.equal(cache(a * 2, torch.ones(3, device="cuda"))[0], out * 2 + 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_bf16_encoder_graph_equals_its_eager_run():
+    """The graph's input buffer casts the crops to bf16 as they are copied in: the same
+    embedding as the cast inside the encoder, to the bit."""
+    reference, _ = tiny_pair(torch.float32)
+    fast = copy.deepcopy(reference).cuda().prepare_inference(dtype=torch.bfloat16)
+    x = torch.randn(2, 1, 128, 128, 128, device="cuda")
+    with torch.inference_mode():
+        eager = fast._encode(x)[0]
+        graphed = [fast.encode(x) for _ in range(2)]  # capture, then replay
+    assert eager.dtype == torch.float32
+    assert all(torch.equal(g, eager) for g in graphed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_fast_path_matches_reference():
     reference, _ = tiny_pair(torch.float32)

@@ -15,10 +15,17 @@ class GraphCache:
     """CUDA graphs of a function, one per input signature, replayed on static buffers.
 
     Outputs are cloned, so results of earlier calls stay valid after later replays.
+    ``input_dtypes`` (one per leading input, None: the input's own) are the dtypes of the
+    static input buffers: the copy into them casts, so ``fn`` receives inputs in those dtypes.
     """
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., tuple[torch.Tensor, ...]],
+        input_dtypes: tuple[torch.dtype | None, ...] = (),
+    ) -> None:
         self.fn = fn
+        self.input_dtypes = input_dtypes
         self.graphs: dict[tuple, tuple] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -34,7 +41,11 @@ class GraphCache:
         return tuple(outputs)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
-        static_in = tuple(t.clone() for t in inputs)
+        dtypes = self.input_dtypes + (None,) * (len(inputs) - len(self.input_dtypes))
+        static_in = tuple(
+            t.clone() if dtype is None else t.to(dtype, copy=True)
+            for t, dtype in zip(inputs, dtypes, strict=True)
+        )
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

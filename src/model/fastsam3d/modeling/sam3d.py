@@ -185,9 +185,11 @@ class Sam3D(nn.Module):
         self.threshold_kernel = triton_kernels
         if compile_mode is not None:
             self._compiled_encoder = torch.compile(
-                self.image_encoder.forward, mode=compile_mode, dynamic=False
+                self._encoder_forward, mode=compile_mode, dynamic=False
             )
-        self._encode_graph = GraphCache(self._encode) if graphs else None
+        # the graph's input buffer holds the crops in the encoder's dtype: the copy into it
+        # is the cast, one pass over the input instead of two
+        self._encode_graph = GraphCache(self._encode, (dtype,)) if graphs else None
         self._decode_graphs = (
             {
                 (multi, masked): GraphCache(
@@ -203,14 +205,18 @@ class Sam3D(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Embed preprocessed crops (B, 1, 128, 128, 128) -> fp32 (B, C, 8, 8, 8)."""
-        x = x.to(self.device, self.image_encoder.pos_embed.dtype)
+        x = x.to(self.device)
         if self._encode_graph is not None and x.is_cuda:
             return self._encode_graph(x)[0]
         return self._encode(x)[0]
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        encoder = self._compiled_encoder or self.image_encoder
-        return (encoder(x).float(),)
+        return ((self._compiled_encoder or self._encoder_forward)(x),)
+
+    def _encoder_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder on ``x`` cast to its dtype, returning fp32 (compiled, the last
+        cast fuses with the neck's LayerNorm)."""
+        return self.image_encoder(x.to(self.image_encoder.pos_embed.dtype)).float()
 
     def decode(
         self,
