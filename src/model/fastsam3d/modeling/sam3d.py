@@ -214,8 +214,8 @@ class Sam3D(nn.Module):
         return ((self._compiled_encoder or self._encoder_forward)(x),)
 
     def _encoder_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The image encoder on ``x`` cast to its dtype, returning fp32 (compiled, the last
-        cast fuses with the neck's LayerNorm)."""
+        """The image encoder on ``x`` cast to its dtype, returning fp32: what
+        ``compile_mode`` compiles and the CUDA graph captures, casts included."""
         return self.image_encoder(x.to(self.image_encoder.pos_embed.dtype)).float()
 
     def decode(
