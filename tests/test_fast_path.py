@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_modeling import DATA, student_config
 
 from fastsam3d.benchmark import format_table, run_benchmarks
-from fastsam3d.modeling import fused_kernels, sam3d
+from fastsam3d.modeling import fused_kernels, merged_attention, sam3d
 from fastsam3d.modeling.attention import RelPosAttention3D
 from fastsam3d.modeling.common import MLPBlock, store_input_major
 from fastsam3d.modeling.configs import build_model
@@ -21,6 +21,7 @@ from fastsam3d.modeling.quantized import (
     quantize_passes,
     quantize_rows,
 )
+from fastsam3d.modeling.transformer import add_norm
 from fastsam3d.modeling.upsample import trilinear_upsample
 
 FIXTURE = DATA / "official_parity_a.pt"
@@ -260,6 +261,38 @@ def test_add_layer_norm_kernel_equals_the_layers(with_residual):
     torch.testing.assert_close(out_pe, expected + pe, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gelu, F.gelu(expected), rtol=1e-5, atol=1e-5)
     assert torch.equal(alone, out) and none is None
+
+
+@pytest.mark.skipif(not fused_kernels.available(), reason="needs a GPU and Triton")
+def test_add_layer_norm_kernel_sums_partial_products():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(384).cuda()
+    x = torch.randn(1, 7, 2048, device="cuda")
+    weight, bias = torch.randn(2048, 384, device="cuda") / 45, torch.randn(384, device="cuda")
+    queries, pe = torch.randn(1, 7, 384, device="cuda"), torch.randn(1, 7, 384, device="cuda")
+    with torch.inference_mode():
+        split = merged_attention.residual_product(x, weight, bias)
+        out, out_pe = fused_kernels.add_layer_norm(queries, split, norm, pe)
+    assert isinstance(split, fused_kernels.PartialSums)
+    assert split.parts.shape == (merged_attention.SPLIT_PARTS, 1, 7, 384)
+    product = x.double() @ weight.double() + bias.double()
+    assert (split.total().double() - product).abs().max() <= 1e-5 * product.abs().max()
+    expected = norm(queries + product.float())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_pe, expected + pe, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_sums_without_the_kernel_are_added_before_the_norm():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    x, parts, bias = torch.randn(2, 5, 16), torch.randn(4, 2, 5, 16), torch.randn(16)
+    residual = fused_kernels.PartialSums(parts, bias)
+    with torch.no_grad():
+        out, _ = add_norm(x, residual, norm, None, fused=False)
+        torch.testing.assert_close(out, norm(x + parts.sum(0) + bias))
+        # on a CPU the split is not worth it: one product
+        product = merged_attention.residual_product(x, torch.randn(16, 8), torch.zeros(8))
+    assert isinstance(product, torch.Tensor) and product.shape == (2, 5, 8)
 
 
 def test_benchmark_report_runs_on_cpu(monkeypatch):

@@ -8,7 +8,9 @@ A click on a GPU is a chain of small kernels whose number sets its time, so:
   operations, and writes only the bool mask;
 - :func:`add_layer_norm`: a residual sum, its LayerNorm and (optionally) a GELU, or the
   normalised tokens plus their positional encoding, which the next attention reads, in one
-  pass.
+  pass. The residual may come as :class:`PartialSums`, a few-row product split over its inner
+  axis: one batched product keeps more of the GPU busy than cuBLAS's few-row kernel, and this
+  kernel adds the parts.
 
 Used on CUDA when Triton is importable (:func:`available`); results equal the PyTorch
 operations up to fp32 rounding.
@@ -17,10 +19,23 @@ operations up to fp32 rounding.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
 BLOCK = 1024
+
+
+class PartialSums(NamedTuple):
+    """``parts.sum(0) + bias``: (S, B, N, C) partial products and a (C,) bias, left for
+    :func:`add_layer_norm` to add."""
+
+    parts: torch.Tensor
+    bias: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        """The sum, computed (for paths without the kernel)."""
+        return self.parts.sum(0) + self.bias
 
 
 @functools.cache
@@ -77,18 +92,22 @@ def _kernels():
 
     @triton.jit
     def add_layer_norm_kernel(
-        x, residual, pe, out, out_pe, weight, bias, rows, channels, eps,
-        x_b, x_n, x_c, r_b, r_n, r_c, p_b, p_n, p_c,
-        has_residual: tl.constexpr, has_pe: tl.constexpr, gelu: tl.constexpr,
-        block: tl.constexpr,
+        x, residual, residual_bias, pe, out, out_pe, weight, bias, rows, channels, eps,
+        x_b, x_n, x_c, r_s, r_b, r_n, r_c, p_b, p_n, p_c,
+        residual_parts: tl.constexpr, has_residual_bias: tl.constexpr, has_pe: tl.constexpr,
+        gelu: tl.constexpr, block: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         b, n = row // rows, row % rows
         column = tl.arange(0, block)
         live = column < channels
         value = tl.load(x + b * x_b + n * x_n + column * x_c, mask=live, other=0.0)
-        if has_residual:
-            value += tl.load(residual + b * r_b + n * r_n + column * r_c, mask=live, other=0.0)
+        for part in tl.static_range(residual_parts):
+            value += tl.load(
+                residual + part * r_s + b * r_b + n * r_n + column * r_c, mask=live, other=0.0
+            )
+        if has_residual_bias:
+            value += tl.load(residual_bias + column, mask=live, other=0.0)
         mean = tl.sum(value, axis=0) / channels
         centred = tl.where(live, value - mean, 0.0)
         variance = tl.sum(centred * centred, axis=0) / channels
@@ -124,24 +143,31 @@ def upsample_threshold(
 
 def add_layer_norm(
     x: torch.Tensor,
-    residual: torch.Tensor | None,
+    residual: torch.Tensor | PartialSums | None,
     norm: torch.nn.Module,
     pe: torch.Tensor | None = None,
     gelu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y = norm(x + residual)`` (then the exact GELU with ``gelu``) and ``y + pe`` (None
     without ``pe``) for CUDA fp32 (B, N, C) tensors of any strides (``pe`` may be broadcast
-    over the batch); ``norm`` is a LayerNorm over C (``weight``, ``bias``, ``eps``)."""
+    over the batch); ``norm`` is a LayerNorm over C (``weight``, ``bias``, ``eps``); a
+    :class:`PartialSums` residual is summed here."""
     triton, _, kernel = _kernels()
     batch, rows, channels = x.shape
     out = torch.empty((batch, rows, channels), device=x.device, dtype=x.dtype)
     out_pe = torch.empty_like(out) if pe is not None else out
-    residual_ = residual if residual is not None else x
+    if isinstance(residual, PartialSums):
+        parts, residual_bias = residual.parts, residual.bias
+    else:
+        parts = (x if residual is None else residual).unsqueeze(0)
+        residual_bias = None
     pe_ = pe.expand(batch, -1, -1) if pe is not None else x
     kernel[(batch * rows,)](
-        x, residual_, pe_, out, out_pe, norm.weight, norm.bias, rows, channels, norm.eps,
-        *x.stride(), *residual_.stride(), *pe_.stride(),
-        has_residual=residual is not None, has_pe=pe is not None, gelu=gelu,
+        x, parts, x if residual_bias is None else residual_bias, pe_, out, out_pe,
+        norm.weight, norm.bias, rows, channels, norm.eps,
+        *x.stride(), *parts.stride(), *pe_.stride(),
+        residual_parts=0 if residual is None else parts.shape[0],
+        has_residual_bias=residual_bias is not None, has_pe=pe is not None, gelu=gelu,
         block=triton.next_power_of_2(channels),
     )  # fmt: skip
     return out, (out_pe if pe is not None else None)

@@ -156,14 +156,15 @@ class TwoWayAttentionBlock3D(nn.Module):
         k = keys + key_pe if keys_pe is None else keys_pe
         to_image = cross_attention(self.cross_attn_token_to_image, "image", form)
         queries, _ = add_norm(queries, to_image(q, k, keys), self.norm2, None, fused)
-        queries, q = add_norm(queries, self.mlp(queries), self.norm3, query_pe, fused)
+        mlp = merged_attention.mlp(self.mlp, queries) if fused else self.mlp(queries)
+        queries, q = add_norm(queries, mlp, self.norm3, query_pe, fused)
         to_tokens = cross_attention(self.cross_attn_image_to_token, "tokens", form)
         return queries, *add_norm(keys, to_tokens(k, q, queries), self.norm4, key_pe, fused)
 
 
 def add_norm(
     x: torch.Tensor,
-    residual: torch.Tensor | None,
+    residual: torch.Tensor | fused_kernels.PartialSums | None,
     norm: nn.LayerNorm,
     pe: torch.Tensor | None,
     fused: bool,
@@ -173,6 +174,8 @@ def add_norm(
     (:func:`.fused_kernels.add_layer_norm`)."""
     if fused and x.is_cuda and fused_kernels.available():
         return fused_kernels.add_layer_norm(x, residual, norm, pe)
+    if isinstance(residual, fused_kernels.PartialSums):
+        residual = residual.total()
     y = norm(x if residual is None else x + residual)
     return y, (None if pe is None else y + pe)
 
