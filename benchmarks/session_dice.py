@@ -8,6 +8,7 @@ Dice on the whole volume after each click. Same clicks for every setting compare
     python benchmarks/session_dice.py --image CT.nii.gz --labels SEG.nii.gz --json out.json
     python benchmarks/session_dice.py ... --no-refine      # thresholded logits, no refinement
     python benchmarks/session_dice.py ... --click-walker off  # refinement from the model alone
+    python benchmarks/session_dice.py ... --keep-unclicked-parts  # parts without a click too
     python benchmarks/session_dice.py ... --exact  # the unprepared exact fp32 reference model
 
 The model runs its fast path (``prepare_inference()``), as the napari plugin and the CLI load
@@ -46,6 +47,11 @@ def main() -> None:
     )
     parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--click-walker", choices=["ct", "on", "off"], default="ct")
+    parser.add_argument(
+        "--keep-unclicked-parts",
+        action="store_true",
+        help="keep mask parts that hold no positive click (RefineSettings.clicked_parts_only)",
+    )
     parser.add_argument("--walker-step", type=float, help="RefineSettings.walker_step_mm")
     parser.add_argument("--walker-side", type=int, help="RefineSettings.walker_side")
     parser.add_argument("--refine-beta", type=float, help="RefineSettings.beta (default: its own)")
@@ -71,6 +77,7 @@ def main() -> None:
         "click_walker": args.click_walker,
         "walker_step_mm": args.walker_step,
         "walker_side": args.walker_side,
+        "clicked_parts_only": False if args.keep_unclicked_parts else None,
     }
     refine = RefineSettings(**{k: v for k, v in chosen.items() if v is not None})
     settings = SessionSettings(refine=None if args.no_refine else refine)

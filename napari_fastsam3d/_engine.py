@@ -75,6 +75,7 @@ class Engine:
         self.session: Any = None
         self.refine = True
         self.click_walker = "ct"
+        self.clicked_parts_only = True
         self._prompts: list[Prompt] = []
         self._redo: list[Prompt] = []
         self._touched: Box | None = None
@@ -306,6 +307,12 @@ class Engine:
         self.click_walker = mode
         return self._rerender()
 
+    def set_clicked_parts_only(self, enabled: bool) -> Change | None:
+        """Whether the snapping drops mask parts that hold no positive click
+        (``RefineSettings.clicked_parts_only``); re-renders the object."""
+        self.clicked_parts_only = bool(enabled)
+        return self._rerender()
+
     def _rerender(self) -> Change | None:
         """Apply :meth:`_settings` to the session and render the current object again."""
         if self.session is None:
@@ -318,7 +325,13 @@ class Engine:
         from fastsam3d.session import SessionSettings
 
         current = SessionSettings() if self.session is None else self.session.settings
-        refine = RefineSettings(click_walker=self.click_walker) if self.refine else None
+        refine = (
+            RefineSettings(
+                click_walker=self.click_walker, clicked_parts_only=self.clicked_parts_only
+            )
+            if self.refine
+            else None
+        )
         return current.replace(refine=refine)
 
     def current_change(self) -> Change:

@@ -65,6 +65,12 @@ WALKER_HELP = (
     "off when snapping is off."
 )
 
+PARTS_HELP = (
+    "After snapping, drop the parts of the mask that hold no positive click: a part no click "
+    "reached is mostly a leak into a neighbouring structure. Click into a part to keep it. "
+    "Part of the snapping: off when snapping is off."
+)
+
 
 class Panel(QWidget):
     """The widget's controls. Subclasses implement the handlers named in :meth:`_connect_panel`."""
@@ -95,6 +101,9 @@ class Panel(QWidget):
         for text, mode in WALKER_CHOICES:
             self.walker_combo.addItem(text, mode)
         self.walker_combo.setToolTip(WALKER_HELP)
+        self.parts_box = QCheckBox("Only parts holding a positive click")
+        self.parts_box.setChecked(True)
+        self.parts_box.setToolTip(PARTS_HELP)
         self.commit_button = QPushButton("Commit / next object (N)")
         self.undo_button = QPushButton("Undo (Ctrl+Z)")
         self.redo_button = QPushButton("Redo (Ctrl+Shift+Z)")
@@ -136,6 +145,7 @@ class Panel(QWidget):
         walker_row.addWidget(QLabel("grow into uniform regions"))
         walker_row.addWidget(self.walker_combo)
         main.addLayout(walker_row)
+        main.addWidget(self.parts_box)
         main.addLayout(actions)
         main.addWidget(QLabel("objects"))
         main.addWidget(self.table)
@@ -153,6 +163,7 @@ class Panel(QWidget):
         self.negative_box.toggled.connect(self._on_polarity_toggled)
         self.refine_box.toggled.connect(self._on_refine_toggled)
         self.walker_combo.currentIndexChanged.connect(self._on_walker_chosen)
+        self.parts_box.toggled.connect(self._on_parts_toggled)
         self.commit_button.clicked.connect(self.commit)
         self.undo_button.clicked.connect(self.undo)
         self.redo_button.clicked.connect(self.redo)

@@ -396,10 +396,14 @@ class FastSAM3DWidget(Panel):
 
     def _on_refine_toggled(self, enabled: bool) -> None:
         self.walker_combo.setEnabled(bool(enabled))
+        self.parts_box.setEnabled(bool(enabled))
         self.worker.set_refine(enabled)
 
     def _on_walker_chosen(self, _index: int) -> None:
         self.worker.set_click_walker(self.walker_combo.currentData())
+
+    def _on_parts_toggled(self, enabled: bool) -> None:
+        self.worker.set_clicked_parts_only(enabled)
 
     def _on_visibility_changed(self, object_id: int, visible: bool) -> None:
         record = self.state.objects.get(object_id)

@@ -114,6 +114,10 @@ class ModelWorker:
         """When the snapping adds a plain random walker from the clicks ("ct", "on", "off")."""
         self._post(_Task("set_click_walker", (str(mode),)))
 
+    def set_clicked_parts_only(self, enabled: bool) -> None:
+        """Whether the snapping drops mask parts that hold no positive click."""
+        self._post(_Task("set_clicked_parts_only", (bool(enabled),)))
+
     def cancel(self) -> None:
         """Cancel the running download or encoding (the next progress check raises)."""
         self._cancel.set()
@@ -218,6 +222,9 @@ class ModelWorker:
 
     def _do_set_click_walker(self, mode: str) -> None:
         self._send_resync(self.engine.set_click_walker(mode))
+
+    def _do_set_clicked_parts_only(self, enabled: bool) -> None:
+        self._send_resync(self.engine.set_clicked_parts_only(enabled))
 
     def _do_commit(self) -> None:
         self._send(Committed(*self.engine.commit()))

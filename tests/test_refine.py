@@ -8,7 +8,14 @@ import torch
 
 from fastsam3d import walker
 from fastsam3d.errors import InputError
-from fastsam3d.refine import RefineSettings, click_seeds, click_walker, coarsening, refine_mask
+from fastsam3d.refine import (
+    RefineSettings,
+    click_seeds,
+    click_walker,
+    clicked_parts,
+    coarsening,
+    refine_mask,
+)
 from fastsam3d.walker import random_walker
 
 
@@ -118,6 +125,37 @@ def test_a_negative_click_is_a_background_seed():
     image = torch.zeros(shape)
     out = refine_mask(image, logits, [(16, 16, 16), (16, 16, 22)], [1, 0])
     assert out[16, 16, 16] and not out[16, 16, 22]
+
+
+def test_parts_without_a_positive_click_are_dropped():
+    mask = torch.zeros(20, 20, 20, dtype=torch.bool)
+    mask[2:6, 2:6, 2:6] = True  # clicked
+    mask[10:14, 10:14, 10:14] = True  # touches the first only through nothing
+    mask[6, 6, 6] = True  # diagonal neighbour of the first: the same part (26-connected)
+    mask[16:19, 2:5, 2:5] = True  # a negative click does not keep a part
+    kept = clicked_parts(mask, [(3, 3, 3), (17, 3, 3)], [1, 0])
+    expected = torch.zeros_like(mask)
+    expected[2:6, 2:6, 2:6] = True
+    expected[6, 6, 6] = True
+    assert torch.equal(kept, expected)
+    both = clicked_parts(mask, [(3.2, 2.9, 3), (12, 12, 12)], [1, 1])
+    expected[10:14, 10:14, 10:14] = True
+    assert torch.equal(both, expected)
+    # no positive click inside the mask: nothing to go by, nothing dropped
+    assert torch.equal(clicked_parts(mask, [(0, 19, 19), (40, 3, 3)], [1, 1]), mask)
+
+
+def test_refinement_keeps_the_clicked_parts_unless_told_not_to():
+    logits = torch.full((24, 24, 24), -20.0)
+    logits[2:8, 2:8, 2:8] = 20.0
+    logits[14:20, 14:20, 14:20] = 20.0
+    image = torch.rand(24, 24, 24)
+    kept = refine_mask(image, logits, [(4, 4, 4)], [1])
+    assert kept[4, 4, 4] and not kept[16, 16, 16]
+    every = refine_mask(
+        image, logits, [(4, 4, 4)], [1], settings=RefineSettings(clicked_parts_only=False)
+    )
+    assert torch.equal(every, logits > 0)
 
 
 def test_large_boxes_are_solved_coarser_and_agree():

@@ -264,7 +264,14 @@ def test_commit_keeps_objects_and_preserves_them_unless_asked():
     assert labels.dtype == np.uint16 and labels.shape == volume.shape
     assert _dice(labels == 1, a) > 0.85 and _dice(labels == 2, b) > 0.85
     # an object covering both: earlier objects are preserved unless overwrite=True
-    merged = Session(Recorder(connected=False), volume, cache=EmbeddingCache(), labels=labels)
+    every_part = SessionSettings(refine=RefineSettings(clicked_parts_only=False))
+    merged = Session(
+        Recorder(connected=False),
+        volume,
+        cache=EmbeddingCache(),
+        labels=labels,
+        settings=every_part,
+    )
     before = labels.copy()
     mask = merged.add_point((20, 20, 20))
     assert (mask & (before == 1)).any() and (mask & (before == 2)).any()
@@ -630,6 +637,20 @@ def test_the_click_walker_gets_a_uniform_ball_the_model_under_segments():
     assert _dice(_session(mr, Shrunk(), refine=everywhere).add_point((55, 52, 30)), truth) > 0.9
 
 
+def test_the_refined_mask_keeps_only_the_parts_holding_a_positive_click():
+    volume, (first, second) = _balls(balls=((22, 30, 28, 7), (48, 30, 28, 7)))
+    everything = Recorder(connected=False)  # thresholds the whole ROI: both balls
+    session = _session(volume, everything)
+    mask = session.add_point((22, 30, 28))
+    assert _dice(mask, first) > 0.9 and not (mask & second).any()
+    both = session.add_point((48, 30, 28))
+    assert _dice(both, first | second) > 0.9
+    assert session.undo().sum() == mask.sum()
+    keep_all = RefineSettings(clicked_parts_only=False)
+    unfiltered = _session(volume, Recorder(connected=False), refine=keep_all)
+    assert _dice(unfiltered.add_point((22, 30, 28)), first | second) > 0.9
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_session_with_the_click_walker_agrees_with_cpu():
     mr, (truth,) = _balls(shape=(110, 110, 60), balls=((55, 52, 30, 12),))
@@ -688,5 +709,9 @@ def test_refine_settings_round_trip_and_old_files_replay_without_it():
     del before_walker["refine"]["click_walker"]
     assert SessionSettings.from_dict(before_walker).refine.click_walker == "off"
     assert SessionSettings.from_dict(SessionSettings().to_dict()).refine.click_walker == "ct"
+    before_parts = SessionSettings().to_dict()
+    del before_parts["refine"]["clicked_parts_only"]
+    assert not SessionSettings.from_dict(before_parts).refine.clicked_parts_only
+    assert SessionSettings.from_dict(SessionSettings().to_dict()).refine.clicked_parts_only
     with pytest.raises(InputError, match="refine"):
         SessionSettings(refine={"beta": 1.0})

@@ -134,7 +134,7 @@ def test_snap_to_edges_toggle_renders_the_object_again(qtbot, blob_viewer):
     wait_for_labels(qtbot, widget, lambda d: np.array_equal(d, snapped))
 
 
-def test_click_walker_mode_follows_the_panel(qtbot, blob_viewer, stand_in):
+def test_refinement_options_follow_the_panel(qtbot, blob_viewer, stand_in):
     widget = dock(blob_viewer)
     ready(qtbot, widget, stand_in)
     engine = widget.worker.engine
@@ -144,12 +144,16 @@ def test_click_walker_mode_follows_the_panel(qtbot, blob_viewer, stand_in):
     for mode in ("on", "off", "ct"):
         widget.walker_combo.setCurrentIndex(widget.walker_combo.findData(mode))
         qtbot.waitUntil(lambda m=mode: engine.session.settings.refine.click_walker == m)
+    assert widget.parts_box.isChecked() and engine.session.settings.refine.clicked_parts_only
+    widget.parts_box.setChecked(False)
+    qtbot.waitUntil(lambda: not engine.session.settings.refine.clicked_parts_only)
     widget.refine_box.setChecked(False)
-    assert not widget.walker_combo.isEnabled()
+    assert not widget.walker_combo.isEnabled() and not widget.parts_box.isEnabled()
     qtbot.waitUntil(lambda: engine.session.settings.refine is None)
     widget.refine_box.setChecked(True)
-    assert widget.walker_combo.isEnabled()
+    assert widget.walker_combo.isEnabled() and widget.parts_box.isEnabled()
     qtbot.waitUntil(lambda: getattr(engine.session.settings.refine, "click_walker", "") == "ct")
+    assert not engine.session.settings.refine.clicked_parts_only
 
 
 def test_mouse_clicks_positive_and_ctrl_negative(qtbot, blob_viewer, stand_in):

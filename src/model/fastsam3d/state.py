@@ -116,12 +116,13 @@ class SessionSettings:
         values = {k: v for k, v in data.items() if k in names}
         if isinstance(values.get("intensity_clip"), list):
             values["intensity_clip"] = tuple(values["intensity_clip"])
-        # files written before the refinement (or its click walker) existed replay without
-        # it, as they were made
+        # files written before the refinement (or its click walker, or its clicked parts)
+        # existed replay without it, as they were made
         refine = values.get("refine")
         if isinstance(refine, dict):
             known = {f.name for f in dataclasses.fields(RefineSettings)}
-            refine = {"click_walker": "off", **{k: v for k, v in refine.items() if k in known}}
+            made = {k: v for k, v in refine.items() if k in known}
+            refine = {"click_walker": "off", "clicked_parts_only": False, **made}
             refine = RefineSettings(**refine)
         values["refine"] = refine
         return cls(**values)
