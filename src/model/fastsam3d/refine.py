@@ -15,6 +15,9 @@ random walker from the clicks alone (:func:`click_walker`, the random-walker bas
 a first click in a large, uniform organ, where the model's mask covers only a part, gets the
 organ. On T1 brain MR the same walker leaked out of the subcortical structures, so by default
 it runs only on CT (docs/RESULTS.md, "Click walker").
+
+Last, the mask keeps only its parts that hold a positive click (``clicked_parts_only``,
+:func:`clicked_parts`; docs/RESULTS.md, "Only the parts that hold a positive click").
 """
 
 from __future__ import annotations
