@@ -66,9 +66,9 @@ WALKER_HELP = (
 )
 
 PARTS_HELP = (
-    "After snapping, drop the parts of the mask that hold no positive click: a part no click "
-    "reached is mostly a leak into a neighbouring structure. Click into a part to keep it. "
-    "Part of the snapping: off when snapping is off."
+    "Where the uniform-region walker ran (CT by default), drop the parts of the mask that hold "
+    "no positive click: a part no click reached is mostly a leak into a neighbouring "
+    "structure. Click into a part to keep it. Part of the snapping: off when snapping is off."
 )
 
 

@@ -145,17 +145,19 @@ def test_parts_without_a_positive_click_are_dropped():
     assert torch.equal(clicked_parts(mask, [(0, 19, 19), (40, 3, 3)], [1, 1]), mask)
 
 
-def test_refinement_keeps_the_clicked_parts_unless_told_not_to():
+def test_refinement_keeps_the_clicked_parts_where_the_click_walker_ran():
     logits = torch.full((24, 24, 24), -20.0)
     logits[2:8, 2:8, 2:8] = 20.0
     logits[14:20, 14:20, 14:20] = 20.0
-    image = torch.rand(24, 24, 24)
-    kept = refine_mask(image, logits, [(4, 4, 4)], [1])
+    image, walker = torch.rand(24, 24, 24), torch.zeros(24, 24, 24)
+    kept = refine_mask(image, logits, [(4, 4, 4)], [1], walker=walker)
     assert kept[4, 4, 4] and not kept[16, 16, 16]
-    every = refine_mask(
-        image, logits, [(4, 4, 4)], [1], settings=RefineSettings(clicked_parts_only=False)
+    every = RefineSettings(clicked_parts_only=False)
+    assert torch.equal(
+        refine_mask(image, logits, [(4, 4, 4)], [1], settings=every, walker=walker), logits > 0
     )
-    assert torch.equal(every, logits > 0)
+    # without the walker (MR by default) every part stays
+    assert torch.equal(refine_mask(image, logits, [(4, 4, 4)], [1]), logits > 0)
 
 
 def test_large_boxes_are_solved_coarser_and_agree():

@@ -637,18 +637,23 @@ def test_the_click_walker_gets_a_uniform_ball_the_model_under_segments():
     assert _dice(_session(mr, Shrunk(), refine=everywhere).add_point((55, 52, 30)), truth) > 0.9
 
 
-def test_the_refined_mask_keeps_only_the_parts_holding_a_positive_click():
-    volume, (first, second) = _balls(balls=((22, 30, 28, 7), (48, 30, 28, 7)))
+def test_the_refined_ct_mask_keeps_only_the_parts_holding_a_positive_click():
+    mr, (first, second) = _balls(shape=(110, 110, 60), balls=((40, 55, 30, 8), (70, 55, 30, 8)))
+    volume = _ct(mr)
     everything = Recorder(connected=False)  # thresholds the whole ROI: both balls
     session = _session(volume, everything)
-    mask = session.add_point((22, 30, 28))
+    mask = session.add_point((40, 55, 30))
     assert _dice(mask, first) > 0.9 and not (mask & second).any()
-    both = session.add_point((48, 30, 28))
+    both = session.add_point((70, 55, 30))
     assert _dice(both, first | second) > 0.9
     assert session.undo().sum() == mask.sum()
     keep_all = RefineSettings(clicked_parts_only=False)
     unfiltered = _session(volume, Recorder(connected=False), refine=keep_all)
-    assert _dice(unfiltered.add_point((22, 30, 28)), first | second) > 0.9
+    assert _dice(unfiltered.add_point((40, 55, 30)), first | second) > 0.9
+    # the same balls in MR units: no click walker, every part stays
+    assert (
+        _dice(_session(mr, Recorder(connected=False)).add_point((40, 55, 30)), first | second) > 0.9
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,8 +16,9 @@ a first click in a large, uniform organ, where the model's mask covers only a pa
 organ. On T1 brain MR the same walker leaked out of the subcortical structures, so by default
 it runs only on CT (docs/RESULTS.md, "Click walker").
 
-Last, the mask keeps only its parts that hold a positive click (``clicked_parts_only``,
-:func:`clicked_parts`; docs/RESULTS.md, "Only the parts that hold a positive click").
+Last, where the click walker ran, the mask keeps only its parts that hold a positive click
+(``clicked_parts_only``, :func:`clicked_parts`; docs/RESULTS.md, "Only the parts that hold a
+positive click").
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class RefineSettings:
             existed).
         walker_step_mm: voxel side of the click walker's grid.
         walker_side: voxels per side of its cube (64 x 3 mm: the 192 mm of a 1.5 mm ROI).
-        clicked_parts_only: keep only the parts of the mask (26-connected components) that
-            hold a positive click (:func:`clicked_parts`); False in prompt files written
+        clicked_parts_only: where the click walker ran, keep only the parts of the mask
+            (26-connected components) that hold a positive click (:func:`clicked_parts`); on
+            MR, without the walker, a BraTS oedema lost by it. False in prompt files written
             before it existed.
     """
 
@@ -147,8 +149,9 @@ def refine_mask(
     mask = logits > 0 if walker is None else prob > 0.5
     band = (prob > settings.band) & (prob < 1 - settings.band)
     box = _band_box(band, spacing, settings.margin_mm)
+    only_clicked = settings.clicked_parts_only and walker is not None
     if box is None:
-        return clicked_parts(mask, points, labels) if settings.clicked_parts_only else mask
+        return clicked_parts(mask, points, labels) if only_clicked else mask
     start = [s.start for s in box]
     sub_image, sub_prob = image[box].float(), prob[box]
     factors = coarsening(sub_image.shape, spacing, settings.max_voxels)
@@ -181,7 +184,7 @@ def refine_mask(
     if walked.shape != shape:
         walked = F.interpolate(walked[None, None], size=tuple(shape), mode="trilinear")[0, 0]
     mask[box] = walked > 0.5
-    return clicked_parts(mask, points, labels) if settings.clicked_parts_only else mask
+    return clicked_parts(mask, points, labels) if only_clicked else mask
 
 
 def clicked_parts(
