@@ -197,6 +197,13 @@ def test_click_walker_mode_is_saved_with_the_prompts(ct, tmp_path, stand_in):
     assert tuple(segment.choices) == CLICK_WALKER_MODES
 
 
+def test_keep_unclicked_parts_is_saved_with_the_prompts(ct, tmp_path, stand_in):
+    saved = _saved_prompts(ct, tmp_path, "--keep-unclicked-parts")
+    assert not saved[True]["settings"]["refine"]["clicked_parts_only"]
+    assert saved[True]["settings"]["refine"]["click_walker"] == "ct"
+    assert saved[False]["settings"]["refine"]["clicked_parts_only"]
+
+
 def test_refuses_to_overwrite_the_input(ct, stand_in, capsys):
     digest = hashlib.sha256(ct.read_bytes()).hexdigest()
     assert cli.main(["segment", str(ct), "--point", "60,50,15", "-o", str(ct)]) == 2

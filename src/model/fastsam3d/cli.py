@@ -118,6 +118,12 @@ def _add_segment(sub) -> None:
         help="merge a plain random walker from the clicks into the refinement's prior: on CT "
         "volumes only (ct, the default), on every volume (on) or never (off)",
     )
+    p.add_argument(
+        "--keep-unclicked-parts",
+        action="store_true",
+        help="keep the parts of a mask that hold no positive click (default: where the click "
+        "walker ran, they are dropped)",
+    )
     p.add_argument("--save-prompts", metavar="FILE.json", help="also write the prompts as JSON")
     p.set_defaults(func=_run_segment)
 
@@ -140,11 +146,17 @@ def _run_segment(args) -> int:
         session.from_json(args.prompts)
     overrides = {"point_policy": args.point_policy, "max_extra_rois": args.max_extra_rois}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    refine = session.settings.refine
     if args.no_refine:
-        overrides["refine"] = None
-    elif args.click_walker is not None and session.settings.refine is not None:
-        refine = dataclasses.replace(session.settings.refine, click_walker=args.click_walker)
-        overrides["refine"] = refine
+        refine = None
+    elif refine is not None:
+        walker = refine.click_walker if args.click_walker is None else args.click_walker
+        refine = dataclasses.replace(
+            refine,
+            click_walker=walker,
+            clicked_parts_only=refine.clicked_parts_only and not args.keep_unclicked_parts,
+        )
+    overrides["refine"] = refine
     session.settings = session.settings.replace(**overrides)
     for point, positive in args.point:
         session.add_point_result(point, positive)
