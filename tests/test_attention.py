@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from fastsam3d.modeling import relpos_flash
 from fastsam3d.modeling.attention import (
     RelPosAttention3D,
     decomposed_rel_pos_bias,
@@ -239,3 +240,62 @@ def test_flash_backend_through_prepare_inference_keeps_the_masks():
         mask_fast = fast.decode(e_fast, points, labels)[2]
     assert (e_fast - e_ref).abs().max() <= 1e-5 * e_ref.abs().max()
     assert 2 * (mask_ref & mask_fast).sum() / (mask_ref.sum() + mask_fast.sum()) >= 0.99
+
+
+needs_kernel = pytest.mark.skipif(
+    not relpos_flash.supported(8, 64, torch.bfloat16), reason="needs CUDA and Triton"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("dim", "heads", "size"), [(768, 6, 8), (768, 12, 8), (256, 4, 4)])
+def test_relpos_kernel_matches_the_reference_closer_than_sdpa(dim, heads, size):
+    """One Triton kernel with the bias gathered in fp32: within bf16 rounding of the fp32
+    reference, and no further from it than SDPA with the bias written out in bf16."""
+    torch.manual_seed(0)
+    layer = RelPosAttention3D(dim, heads, size).cuda()
+    for p in layer.parameters():  # unit-scale queries and keys, a bias of a few units
+        p.data.normal_(0, dim**-0.5)
+    for table in layer.rel_pos_tables:
+        table.data.normal_(0, 0.3)
+    x = torch.randn(3, size, size, size, dim, device="cuda")
+    half = copy.deepcopy(layer).bfloat16()
+    half.backend = "sdpa"
+    exact = copy.deepcopy(half).float()  # the same (bf16-rounded) weights in fp32
+    ref = run(exact, x, "math")
+    sdpa = run(half, x.bfloat16(), "sdpa").float()
+    assert half.use_relpos_kernel()
+    fused = run(half, x.bfloat16(), "sdpa").float()
+    assert (fused - ref).norm() <= 3e-2 * ref.norm()
+    assert (fused - ref).norm() <= (sdpa - ref).norm()
+    # the bias matters at this scale: without it the output moves far beyond that
+    exact.use_rel_pos = False
+    assert (run(exact, x, "math") - ref).norm() >= 0.5 * ref.norm()
+
+
+def test_relpos_kernel_only_for_half_precision_cuda_inference():
+    layer = random_layer(dim=256, heads=4)
+    assert not layer.use_relpos_kernel()  # fp32 on the CPU
+    assert not copy.deepcopy(layer).bfloat16().use_relpos_kernel()  # bf16 on the CPU
+    odd = random_layer(dim=96, heads=4)  # head_dim 24: not a power of two
+    assert not relpos_flash.supported(8, odd.head_dim, torch.bfloat16)
+    assert not relpos_flash.supported(14, 64, torch.bfloat16)  # a 14^3 window
+
+
+@needs_kernel
+def test_prepared_bf16_encoder_runs_the_relpos_kernel_in_its_graph():
+    torch.manual_seed(0)
+    reference = build_model(
+        ModelConfig(name="t", embed_dim=128, depth=2, num_heads=2, attention_free_blocks=1)
+    ).eval()
+    for p in reference.parameters():
+        p.data.normal_(0, 0.05)
+    reference = reference.cuda()
+    fast = copy.deepcopy(reference).prepare_inference(dtype=torch.bfloat16)
+    assert fast.image_encoder.blocks[1].attn.relpos_kernel
+    x = torch.randn(2, 1, 128, 128, 128, device="cuda")
+    with torch.inference_mode():
+        e_ref, eager = reference.encode(x), fast._encode(x)[0]
+        graphed = [fast.encode(x) for _ in range(2)]
+    assert all(torch.equal(g, eager) for g in graphed)
+    assert (eager - e_ref).abs().max() <= 3e-2 * e_ref.abs().max()

@@ -11,7 +11,9 @@ The released weights were trained with exactly this bias, so it is reproduced he
 Backends (chosen once, stored on the layer; see :data:`ATTENTION_BACKENDS`):
 
 - ``"math"``: explicit fp32 logits + softmax, the reference every fast path is compared with.
-- ``"sdpa"``: the bias as an additive mask into ``scaled_dot_product_attention``.
+- ``"sdpa"``: the bias as an additive mask into ``scaled_dot_product_attention``; for CUDA
+  half-precision inference with ``relpos_kernel`` on (:meth:`RelPosAttention3D.use_relpos_kernel`),
+  the same attention with the bias computed inside one Triton kernel (:mod:`.relpos_flash`).
 - ``"flash"``: the bias folded into the dot product (:mod:`.augmented_attention`), run by the
   ``flash_attn`` package when importable on CUDA (the ``[flash]`` extra), else by a bias-free
   ``scaled_dot_product_attention``.
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import relpos_flash
 from .augmented_attention import augmented_attention, key_one_hot
 from .common import SCRATCH
 from .sparse_attention import sparse_dilated_attention
@@ -240,6 +243,7 @@ class RelPosAttention3D(nn.Module):
         self.sparse_pairs = tuple(tuple(p) for p in sparse_pairs)
         self.backend = backend
         self.cpu_bf16 = False
+        self.relpos_kernel = False
 
     @property
     def backend(self) -> str:
@@ -254,6 +258,18 @@ class RelPosAttention3D(nn.Module):
         if name == "sparse" and not self.sparse_pairs:
             raise ValueError("the sparse backend needs sparse_pairs, e.g. ((64, 1), (512, 8))")
         self._backend = name
+
+    def use_relpos_kernel(self) -> bool:
+        """Run the "sdpa" backend's CUDA half-precision inference as :mod:`.relpos_flash`
+        where it is supported (call after the cast to the inference dtype). Returns whether
+        it is on."""
+        self.relpos_kernel = (
+            self.use_rel_pos
+            and self._backend == "sdpa"
+            and self.qkv.weight.is_cuda
+            and relpos_flash.supported(self.size, self.head_dim, self.qkv.weight.dtype)
+        )
+        return self.relpos_kernel
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, D, H, W, C) -> q, k, v each (B, heads, N, head_dim); layout [3][heads][head_dim]."""
@@ -275,6 +291,12 @@ class RelPosAttention3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, d, h, w, c = x.shape
+        if self.relpos_kernel and x.is_cuda and not torch.is_grad_enabled():
+            qkv = self.qkv(x).reshape(batch, d * h * w, 3 * c)
+            out = relpos_flash.relpos_flash_attention(
+                qkv, *self.rel_pos_tables, self.num_heads, self.scale
+            )
+            return self.proj(out.view(batch, d, h, w, c))
         q, k, v = self.split_heads(x)
         if self._backend == "math":
             work = torch.promote_types(q.dtype, torch.float32)

@@ -103,13 +103,15 @@ class Sam3D(nn.Module):
         """Switch this model to the fastest path that stays within tolerance on its device.
 
         The encoder runs in ``dtype`` (default fp32 on every device; ``torch.bfloat16`` is
-        opt-in: 3.5x (batch 1) to 8.0x (batch 64) faster on an H200, about 2x on a CPU with
+        opt-in: 6.1x (batch 1) to 9.5x (batch 64) faster on an H100, about 2x on a CPU with
         bf16 units; whether its masks stay within the Dice 0.99 the fast paths are held to
         depends on the weights: earlier bundled weights put two of 145 held-out CT masks at
         0.986, the current ones none on a CPU and none or one on an H200, docs/RESULTS.md) with
         fused attention (SDPA, the teacher's padded windows folded exactly) and its
         convolutions as matrix products; in bf16 / fp16 on CUDA each MLP's first product also
-        applies its GELU in the product's epilogue (:class:`.common.MLPBlock`). The prompt
+        applies its GELU in the product's epilogue (:class:`.common.MLPBlock`) and global
+        attention computes its rel-pos bias inside one Triton kernel (:mod:`.relpos_flash`;
+        "sdpa" backend, Triton importable). The prompt
         encoder and decoder stay fp32: on a CPU the decoder's token layers keep their weights
         input-major (:func:`.common.store_input_major`), its cross-attention runs "folded" and
         its last upscaling in a buffer reused from click to click; on CUDA, where a click is a
@@ -166,8 +168,11 @@ class Sam3D(nn.Module):
         self.prompt_encoder.fused_norms = self.mask_decoder.fused_norms = triton_kernels
         reduced = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         for module in self.image_encoder.modules():
-            if isinstance(module, RelPosAttention3D) and module.backend == "math":
-                module.backend = attention
+            if isinstance(module, RelPosAttention3D):
+                if module.backend == "math":
+                    module.backend = attention
+                if reduced:
+                    module.use_relpos_kernel()
             if isinstance(module, MLPBlock) and isinstance(module.act, nn.GELU):
                 module.fused_gelu = reduced
         for module in self.mask_decoder.modules():
