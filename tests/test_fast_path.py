@@ -519,3 +519,32 @@ def test_benchmark_leaves_out_a_variant_that_fails_to_compile(monkeypatch, caplo
     names = [r["name"] for r in report["results"]]
     assert names and not any("opt-in" in name for name in names)
     assert "left out (no C++ compiler)" in caplog.text
+
+
+@pytest.mark.skipif(
+    not fused_kernels.available() or torch.cuda.device_count() < 2, reason="needs two GPUs"
+)
+def test_triton_kernels_run_on_their_inputs_device():
+    """Triton launches on the current device: each kernel must switch to its inputs' GPU."""
+    torch.manual_seed(0)
+    low = torch.randn(1, 1, 32, 32, 32)
+    norm = torch.nn.LayerNorm(48)
+    x = torch.randn(1, 512, 48)
+    attention = RelPosAttention3D(128, 2, 8)
+    for table in attention.rel_pos_tables:
+        table.data.normal_(0, 0.3)
+    tokens = torch.randn(2, 8, 8, 8, 128)
+    results = {}
+    with torch.inference_mode():
+        for device in ("cuda:0", "cuda:1"):
+            layer = copy.deepcopy(attention).to(device).bfloat16()
+            layer.backend = "sdpa"
+            assert layer.use_relpos_kernel()
+            results[device] = (
+                fused_kernels.upsample_threshold(low.to(device), (128,) * 3, 0.0).cpu(),
+                fused_kernels.add_layer_norm(x.to(device), None, norm.to(device))[0].cpu(),
+                layer(tokens.to(device).bfloat16()).cpu(),
+            )
+        torch.cuda.synchronize("cuda:1")
+    for first, second in zip(results["cuda:0"], results["cuda:1"], strict=True):
+        assert torch.equal(first, second)

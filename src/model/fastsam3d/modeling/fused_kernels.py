@@ -134,10 +134,11 @@ def upsample_threshold(
     cells = low_res.shape[2:]
     scales = [n / s for n, s in zip(cells, size, strict=True)]
     grid = (triton.cdiv(mask.numel(), BLOCK),)
-    kernel[grid](
-        low_res, mask.view(torch.uint8), mask.numel(), float(threshold), *scales, *cells, *size,
-        block=BLOCK,
-    )  # fmt: skip
+    with torch.cuda.device(low_res.device):  # Triton launches on the current device
+        kernel[grid](
+            low_res, mask.view(torch.uint8), mask.numel(), float(threshold), *scales, *cells,
+            *size, block=BLOCK,
+        )  # fmt: skip
     return mask
 
 
@@ -162,12 +163,13 @@ def add_layer_norm(
         parts = (x if residual is None else residual).unsqueeze(0)
         residual_bias = None
     pe_ = pe.expand(batch, -1, -1) if pe is not None else x
-    kernel[(batch * rows,)](
-        x, parts, x if residual_bias is None else residual_bias, pe_, out, out_pe,
-        norm.weight, norm.bias, rows, channels, norm.eps,
-        *x.stride(), *parts.stride(), *pe_.stride(),
-        residual_parts=0 if residual is None else parts.shape[0],
-        has_residual_bias=residual_bias is not None, has_pe=pe is not None, gelu=gelu,
-        block=triton.next_power_of_2(channels),
-    )  # fmt: skip
+    with torch.cuda.device(x.device):
+        kernel[(batch * rows,)](
+            x, parts, x if residual_bias is None else residual_bias, pe_, out, out_pe,
+            norm.weight, norm.bias, rows, channels, norm.eps,
+            *x.stride(), *parts.stride(), *pe_.stride(),
+            residual_parts=0 if residual is None else parts.shape[0],
+            has_residual_bias=residual_bias is not None, has_pe=pe is not None, gelu=gelu,
+            block=triton.next_power_of_2(channels),
+        )  # fmt: skip
     return out, (out_pe if pe is not None else None)

@@ -138,11 +138,12 @@ def relpos_flash_attention(
     scratch = torch.empty(
         (batch * heads * size, size * size, table_rows), dtype=torch.float32, device=qkv.device
     )
-    _kernel()[(size, batch * heads)](
-        qkv, table_d, table_h, table_w, scratch, out, scale, heads,
-        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        SIZE=size, HEAD_DIM=dim // heads, TABLE_ROWS=table_rows, num_warps=4, num_stages=1,
-    )  # fmt: skip
+    with torch.cuda.device(qkv.device):  # Triton launches on the current device
+        _kernel()[(size, batch * heads)](
+            qkv, table_d, table_h, table_w, scratch, out, scale, heads,
+            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            SIZE=size, HEAD_DIM=dim // heads, TABLE_ROWS=table_rows, num_warps=4, num_stages=1,
+        )  # fmt: skip
     return out
 
 
