@@ -548,3 +548,24 @@ def test_triton_kernels_run_on_their_inputs_device():
         torch.cuda.synchronize("cuda:1")
     for first, second in zip(results["cuda:0"], results["cuda:1"], strict=True):
         assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graphed_model_on_the_second_gpu_equals_the_first():
+    """CUDA graphs and side streams follow the current device: a model on cuda:1 must make
+    it current, or its graphs capture nothing and replay stale outputs."""
+    reference, _ = tiny_pair(torch.float32)
+    points = torch.tensor([[[60.0, 64.0, 70.0]]])
+    outputs = {}
+    for device in ("cuda:0", "cuda:1"):
+        model = copy.deepcopy(reference).to(device).prepare_inference()
+        with torch.inference_mode():
+            for seed in (1, 2):  # capture, then replay with new inputs
+                x = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(seed))
+                embedding = model.encode(x)
+                low, _, mask = model.decode(embedding, points + seed, torch.tensor([[1]]))
+                outputs[device, seed] = (embedding.cpu(), low.cpu(), mask.cpu())
+    for seed in (1, 2):
+        for first, second in zip(outputs["cuda:0", seed], outputs["cuda:1", seed], strict=True):
+            assert torch.equal(first, second)
+    assert not torch.equal(outputs["cuda:1", 1][0], outputs["cuda:1", 2][0])

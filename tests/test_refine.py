@@ -292,3 +292,16 @@ def test_cuda_graph_steps_equal_eager_steps(monkeypatch, iterations):
     graphed = random_walker(*args, **kwargs)
     assert torch.equal(graphed, eager)
     assert not torch.equal(eager, random_walker(*args, **{**kwargs, "iterations": 8}))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graph_steps_on_the_second_gpu():
+    shape, centre = (40, 36, 20), (20, 18, 10)
+    image = (_ball(shape, centre, 9) < 0).float() * 100 + torch.randn(shape) * 3
+    seeds = torch.full(shape, -1, dtype=torch.int8)
+    seeds[20, 18, 10], seeds[0] = 1, 0
+    first, second = (
+        random_walker(image.to(device), seeds.to(device), iterations=200, tol=1e-6).cpu()
+        for device in ("cuda:0", "cuda:1")
+    )
+    assert torch.equal(first, second)

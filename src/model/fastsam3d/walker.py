@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .modeling.fast_path import capture_graph
+from .modeling.fast_path import capture_graph, on_device
 
 CHECK_EVERY = 4
 """Conjugate-gradient steps between two convergence checks."""
@@ -184,7 +184,8 @@ def random_walker(
             continue
         steps(count)
         if x.is_cuda and GRAPH_STEPS and count == CHECK_EVERY:
-            graph = capture_graph(lambda: steps(CHECK_EVERY))
+            with on_device(x.device):
+                graph = capture_graph(lambda: steps(CHECK_EVERY))
     return (x * unknown + fixed).clamp(0, 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -58,6 +59,12 @@ class GraphCache:
         return graph, static_in, static_out
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as the current CUDA device (a no-op elsewhere): streams, CUDA graphs and
+    Triton launches follow the current device, not the tensors'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of ``fn``'s kernels (recorded, not run) on a side stream.
 
@@ -65,7 +72,7 @@ def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     caches before the capture (later allocations would ask the driver again), and only this
     thread's CUDA calls must be capturable (``thread_local``: a precompute thread may encode
     meanwhile). ``fn`` must have run eagerly before, so that the libraries it calls are
-    initialised.
+    initialised. Captures on the current device (see :func:`on_device`).
     """
     current = torch.cuda.current_stream()
     stream = torch.cuda.Stream(current.device)

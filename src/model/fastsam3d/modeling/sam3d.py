@@ -13,7 +13,7 @@ from ..sampling import nonzero_box
 from . import fused_kernels
 from .attention import RelPosAttention3D
 from .common import MLP, MLPBlock, store_input_major
-from .fast_path import GraphCache
+from .fast_path import GraphCache, on_device
 from .quantized import native_bf16, quantize_int8
 from .upsample import trilinear_upsample
 
@@ -211,9 +211,10 @@ class Sam3D(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Embed preprocessed crops (B, 1, 128, 128, 128) -> fp32 (B, C, 8, 8, 8)."""
         x = x.to(self.device)
-        if self._encode_graph is not None and x.is_cuda:
-            return self._encode_graph(x)[0]
-        return self._encode(x)[0]
+        with on_device(x.device):
+            if self._encode_graph is not None and x.is_cuda:
+                return self._encode_graph(x)[0]
+            return self._encode(x)[0]
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return ((self._compiled_encoder or self._encoder_forward)(x),)
@@ -258,10 +259,11 @@ class Sam3D(nn.Module):
             mask_input.to(device, torch.float32),
         )
         options = (bool(multimask_output), bool(return_mask))
-        if self._decode_graphs is not None and device.type == "cuda":
-            outputs = self._decode_graphs[options](*inputs)
-        else:
-            outputs = self._decode(*inputs, *options)
+        with on_device(device):
+            if self._decode_graphs is not None and device.type == "cuda":
+                outputs = self._decode_graphs[options](*inputs)
+            else:
+                outputs = self._decode(*inputs, *options)
         return outputs if return_mask else (*outputs, None)
 
     def _decode(
