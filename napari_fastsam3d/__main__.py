@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"file, or '{STAND_IN}' (default: $NAPARI_FASTSAM3D_MODEL or the "
         "bundled default)",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps, cpu")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu"
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,

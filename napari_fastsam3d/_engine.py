@@ -87,12 +87,13 @@ class Engine:
     # ------------------------------------------------------------ model and volume
 
     def devices(self) -> tuple[str, ...]:
-        """Devices torch can use here, best first."""
+        """Devices torch can use here, best first (each GPU by index when there are several)."""
         import torch
 
         found = []
         if torch.cuda.is_available():
-            found.append("cuda")
+            count = torch.cuda.device_count()
+            found += ["cuda"] if count == 1 else [f"cuda:{i}" for i in range(count)]
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             found.append("mps")
@@ -172,7 +173,7 @@ class Engine:
             label = torch.ones((1, 1), dtype=torch.int64, device=self.device)
             self.model.decode(emb, centre, label, None, False, **skip_mask)
         if self.device and self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         return (time.perf_counter() - start) * 1e3
 
     def _attach_hooks(self) -> None:

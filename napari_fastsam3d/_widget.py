@@ -47,7 +47,8 @@ class FastSAM3DWidget(Panel):
         napari_viewer: the viewer (napari passes it).
         model: what to load at start: a registry name, a path, a ``Sam3D``-like module, "" for
             nothing; default ``$NAPARI_FASTSAM3D_MODEL`` or the bundled default.
-        device: "auto" (cuda > mps > cpu), "cuda", "mps" or "cpu".
+        device: "auto" (cuda > mps > cpu), "cuda", "cuda:N" (one GPU of several), "mps" or
+            "cpu".
         precision: the image encoder's, "fp32" (exact), "bf16" or "int8" (CPU).
     """
 

@@ -523,6 +523,14 @@ def test_settings_and_devices_are_checked():
         Session(Recorder(), volume.array)
 
 
+def test_a_gpu_index_beyond_the_machines_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InputError, match="no GPU 'cuda:2': torch sees 2"):
+        resolve_device("cuda:2")
+
+
 def test_huge_volumes_are_sampled_per_roi(monkeypatch):
     """Above the size limit no whole-volume copy is made; the model input stays 128^3."""
     volume, truth = _tube()

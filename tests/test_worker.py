@@ -303,3 +303,15 @@ def test_bundled_default_model_loads():
     ready = inbox.next(ModelReady)
     assert "default" in ready.name and ready.device == "cpu"
     worker.shutdown()
+
+
+@pytest.mark.parametrize(("count", "expected"), [(1, ("cuda",)), (2, ("cuda:0", "cuda:1"))])
+def test_devices_list_each_gpu_when_there_are_several(monkeypatch, count, expected):
+    import torch
+
+    from napari_fastsam3d._engine import Engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert Engine(lambda *a: None, lambda: False).devices() == (*expected, "cpu")

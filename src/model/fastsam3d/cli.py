@@ -83,7 +83,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--prompts", metavar="FILE.json", help="replay a prompt file first")
     p.add_argument("-o", "--output", required=True, metavar="OUT.nii.gz", help="label map to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or weights file")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument(
+        "--device", default=None, help="cuda (or cuda:N), mps or cpu (default: best available)"
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,

@@ -63,6 +63,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda', 'mps' or 'auto'") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA is not available (torch reports no GPU): use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise InputError(
+            f"there is no GPU {device!r}: torch sees {count} (cuda:0 to cuda:{count - 1})"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("MPS is not available on this machine: use device='cpu'")
     return dev
