@@ -291,7 +291,12 @@ class RelPosAttention3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, d, h, w, c = x.shape
-        if self.relpos_kernel and x.is_cuda and not torch.is_grad_enabled():
+        if (
+            self.relpos_kernel
+            and x.is_cuda
+            and x.dtype in relpos_flash.DTYPES
+            and not torch.is_grad_enabled()
+        ):
             qkv = self.qkv(x).reshape(batch, d * h * w, 3 * c)
             out = relpos_flash.relpos_flash_attention(
                 qkv, *self.rel_pos_tables, self.num_heads, self.scale

@@ -25,6 +25,8 @@ import torch
 
 from . import fused_kernels
 
+DTYPES = (torch.bfloat16, torch.float16)
+
 
 def supported(size: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernel covers a cube of side ``size`` with heads of ``head_dim`` in
@@ -32,7 +34,7 @@ def supported(size: int, head_dim: int, dtype: torch.dtype) -> bool:
     plane = size * size
     return (
         fused_kernels.available()
-        and dtype in (torch.bfloat16, torch.float16)
+        and dtype in DTYPES
         and 16 <= plane <= 128
         and plane & (plane - 1) == 0
         and 16 <= head_dim <= 128
