@@ -54,7 +54,9 @@ class GraphCache:
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # torch.cuda.graph's default capture stream is made once, on the first device that
+        # captures: a model on another GPU must capture on a stream of its own device
+        with torch.cuda.graph(graph, stream=stream):
             static_out = self.fn(*static_in)
         return graph, static_in, static_out
 
