@@ -5,7 +5,7 @@ protocol) and the same previous-logit feedback history of their own, as in inter
 Usage::
 
     python benchmarks/fast_path_agreement.py --model W.safetensors --images DIR --labels DIR \
-        [--dtype bfloat16|int8] [--clicks 5] [--device cpu]
+        [--dtype bfloat16|int8] [--compile] [--clicks 5] [--device cpu]
 
 Without trained weights (the full-size ``fastsam3d`` config), ``--fixture official_parity_a.pt
 --config fastsam3d`` compares on the fixture's image and clicks with random weights (PyTorch's
@@ -29,8 +29,8 @@ from fastsam3d.modeling.configs import build_model
 class PairedSegmenter:
     """Reference and fast segmenters in lockstep; clicks follow the reference."""
 
-    def __init__(self, model, dtype: torch.dtype) -> None:
-        fast = copy.deepcopy(model).prepare_inference(dtype=dtype)
+    def __init__(self, model, dtype: torch.dtype, compile_mode: str | None = None) -> None:
+        fast = copy.deepcopy(model).prepare_inference(dtype=dtype, compile_mode=compile_mode)
         self.reference = SamSegmenter(model, newest_only=True)
         self.fast = SamSegmenter(fast, newest_only=True)
         self.model = model
@@ -86,12 +86,14 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-voxels", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="the fast encoder compiled")
     args = parser.parse_args()
     if args.fixture:
         print(fixture_agreement(args.config, getattr(torch, args.dtype), args.fixture))
         return
     model = load_model(args.model, device=args.device, progress=False)
-    paired = PairedSegmenter(model, getattr(torch, args.dtype))
+    compile_mode = "default" if args.compile else None
+    paired = PairedSegmenter(model, getattr(torch, args.dtype), compile_mode)
     options = argparse.Namespace(
         structures=None,
         min_voxels=args.min_voxels,
@@ -104,7 +106,8 @@ def main() -> None:
         evaluate_case(paired, case, options, index, model.config.intensity_clip)
     values = paired.agreement
     print(
-        f"{args.model} fast path ({args.dtype}, {args.device}) vs fp32 reference: "
+        f"{args.model} fast path ({args.dtype}{', compiled' if args.compile else ''}, "
+        f"{args.device}) vs fp32 reference: "
         f"{len(values)} masks, Dice median {statistics.median(values):.4f}, "
         f"mean {statistics.mean(values):.4f}, min {min(values):.4f}, "
         f"share >= 0.99: {np.mean(np.array(values) >= 0.99):.3f}"

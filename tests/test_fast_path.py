@@ -18,6 +18,7 @@ from fastsam3d.modeling.quantized import (
     MIN_ROWS,
     Int8Weight,
     int8_linear,
+    quantize_int8,
     quantize_passes,
     quantize_rows,
 )
@@ -301,6 +302,7 @@ def test_benchmark_report_runs_on_cpu(monkeypatch):
     names = [r["name"] for r in report["results"]]
     assert names[0] == "student encoder" and names[-1].startswith("teacher")
     assert names[1] == "student encoder, int8 products (opt-in)"
+    assert names[2] == "student encoder, int8 products + torch.compile (opt-in)"
     assert all(r["fast_ms"] > 0 and r["reference_ms"] > 0 for r in report["results"])
     assert "| student encoder | 1 |" in format_table(report)
 
@@ -435,6 +437,31 @@ def test_int8_products_stay_close_and_fall_back_to_fp32_when_small():
     assert torch.equal(int8_linear(small, layer.weight, layer.bias, cache), layer(small))
 
 
+def test_int8_gelu_mlp_bounds_the_hidden_rows_before_the_gelu():
+    """The hidden rows' scale comes from the pre-activations: as close to fp32 as the scale
+    of the exact peak, and nothing clipped in a row whose pre-activations are all negative
+    (|GELU| <= 0.17 there)."""
+    torch.manual_seed(0)
+    block = MLPBlock(64, 256)
+    x = torch.randn(40, 64)
+    x[0] = 0
+    with torch.no_grad():
+        block.lin1.bias[:] = -torch.rand(256) * 3  # row 0: every pre-activation negative
+        exact = block(x)
+        assert (block.lin1(x[:1]) < 0).all()
+        quantize_int8(block)
+        per_row = block(x)  # the peak of |GELU| itself
+        block.int8_gelu = True
+        bounded = block(x)
+
+    def error(y):
+        return (y - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)
+
+    assert not torch.equal(bounded, per_row)
+    assert error(bounded).max() <= 1.2 * error(per_row).max()
+    assert error(bounded)[0] <= 1.2 * error(per_row)[0]
+
+
 def test_int8_encoder_keeps_the_state_dict_and_follows_new_weights():
     reference, _ = tiny_pair(torch.float32)
     int8 = copy.deepcopy(reference).prepare_inference(dtype=torch.int8)
@@ -453,6 +480,40 @@ def test_int8_encoder_keeps_the_state_dict_and_follows_new_weights():
         fresh.prepare_inference(dtype=torch.int8)
         assert torch.equal(int8.encode(x), fresh.encode(x))
         assert not torch.equal(int8.encode(x), before)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_int8_encoder_has_no_graph_break_and_follows_new_weights(monkeypatch, bf16):
+    """torch.compile traces the int8 encoder whole (its int8 weights come from the last eager
+    pass) and an eager pass requantises weights that changed since."""
+    monkeypatch.setattr(sam3d, "native_bf16", lambda: bf16)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    reference, _ = tiny_pair(torch.float32)
+    model = copy.deepcopy(reference).prepare_inference(dtype=torch.int8, compile_mode="default")
+    x = torch.randn(1, 1, 128, 128, 128)
+
+    def eager_int8(state):
+        fresh = build_model("tiny").eval()
+        fresh.load_state_dict(state)
+        return fresh.prepare_inference(dtype=torch.int8).encode(x)
+
+    with torch.inference_mode():
+        state = reference.state_dict()
+        compiled, eager = model.encode(x), eager_int8(state)
+        assert (compiled - eager).norm() <= 0.01 * eager.norm()
+        changed = ("mlp.lin1.weight", "patch_embed.proj.weight", "neck.2.weight", "qkv.weight")
+        torch.manual_seed(1)
+        state = {
+            k: v + 0.05 * torch.randn_like(v) if k.endswith(changed) else v
+            for k, v in state.items()
+        }
+        model.load_state_dict(state)
+        recompiled, eager_new = model.encode(x), eager_int8(state)
+        assert (eager_new - eager).norm() >= 0.1 * eager.norm()
+        assert (recompiled - eager_new).norm() <= 0.01 * eager_new.norm()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("bf16", [False, True])

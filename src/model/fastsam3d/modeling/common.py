@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_kernels
-from .quantized import gemm
+from .quantized import gemm, int8_gelu_mlp
 
 
 class ScratchBuffers(threading.local):
@@ -112,6 +112,7 @@ class MLPBlock(nn.Module):
     ``lin1`` and a GELU together by :func:`linear_gelu_tanh`: the tanh form differs from the
     exact GELU by at most 5e-4, a thirtieth of a bf16 step at that value. ``fused_relu`` (the
     decoder's ReLU blocks on CUDA) does the same by :func:`linear_relu`, exactly.
+    ``int8_gelu`` (the int8 encoder on a CPU) runs :func:`.quantized.int8_gelu_mlp`.
     """
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
@@ -121,8 +122,11 @@ class MLPBlock(nn.Module):
         self.act = act()
         self.fused_gelu = False
         self.fused_relu = False
+        self.int8_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_gelu:
+            return int8_gelu_mlp(x, self.lin1, self.lin2)
         if self.fused_gelu:
             return self.lin2(linear_gelu_tanh(x, self.lin1.weight, self.lin1.bias))
         if self.fused_relu:

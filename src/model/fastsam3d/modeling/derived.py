@@ -19,7 +19,13 @@ def parameter_key(source: torch.Tensor) -> tuple:
 
 class DerivedTensors:
     """The result of ``compute()``, recomputed only when one of its source parameters
-    changes (its storage or its version counter), so a prepared model follows new weights."""
+    changes (its storage or its version counter), so a prepared model follows new weights.
+
+    Inside a region that ``torch.compile`` traces, the values of the last eager call are
+    returned as they are (storage pointers cannot be traced): whoever compiles must run the
+    module eagerly first, and again whenever its parameters change (see
+    ``Sam3D.encode``).
+    """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -30,6 +36,10 @@ class DerivedTensors:
         sources: Iterable[torch.Tensor],
         compute: Callable[[], Iterable[torch.Tensor]],
     ) -> tuple[torch.Tensor, ...]:
+        if torch.compiler.is_compiling():
+            if not self._values:
+                raise RuntimeError("derived tensors are computed eagerly before compiling")
+            return self._values
         key = tuple(parameter_key(s) for s in sources)
         if key != self._key:
             with torch.no_grad():
