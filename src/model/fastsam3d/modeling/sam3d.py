@@ -132,8 +132,9 @@ class Sam3D(nn.Module):
         quantisation into the surrounding elementwise work (about 1.25x the eager int8
         encoder on a 2-core Xeon); it reads the int8 weights of the last eager pass, which
         :meth:`encode` repeats whenever a parameter has changed. The decoder is not
-        compiled: every compiled decoder measured was slower than its CUDA graph, and no
-        faster on a CPU (docs/BENCHMARKS.md).
+        compiled: every compiled decoder measured was slower than its CUDA graph, and on a
+        CPU it gained 1.2x but compiles again for every new number of points
+        (docs/BENCHMARKS.md).
         ``dtype=torch.int8`` (CPU, opt-in) runs the encoder's matrix products in int8 (weights
         per channel, activations per row, :mod:`.quantized`; the patch embedding and the neck,
         whose inputs need more than 8 bits, in bf16 on CPUs with native bf16 products, else in
