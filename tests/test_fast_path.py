@@ -500,6 +500,7 @@ def test_compiled_int8_encoder_has_no_graph_break_and_follows_new_weights(monkey
 
     with torch.inference_mode():
         state = reference.state_dict()
+        model.encode(x)  # eager: quantises the weights that the compiled graph reads
         compiled, eager = model.encode(x), eager_int8(state)
         assert (compiled - eager).norm() <= 0.01 * eager.norm()
         changed = ("mlp.lin1.weight", "patch_embed.proj.weight", "neck.2.weight", "qkv.weight")
@@ -509,11 +510,52 @@ def test_compiled_int8_encoder_has_no_graph_break_and_follows_new_weights(monkey
             for k, v in state.items()
         }
         model.load_state_dict(state)
+        model.encode(x)
         recompiled, eager_new = model.encode(x), eager_int8(state)
         assert (eager_new - eager).norm() >= 0.1 * eager.norm()
         assert (recompiled - eager_new).norm() <= 0.01 * eager_new.norm()
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_cpu_decoder_equals_the_eager_one_for_any_number_of_points():
+    """compile_mode on a CPU also compiles the decoder: one graph for one point, one for any
+    other number, no graph break, the eager logits, and new weights followed."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    reference, eager = tiny_pair(torch.float32)
+    compiled = copy.deepcopy(reference).prepare_inference(compile_mode="default")
+    embedding = torch.randn(1, *reference.image_encoder.neck[2].weight.shape[:1], 8, 8, 8)
+    previous = torch.randn(1, 1, 32, 32, 32)
+
+    def clicks(model):
+        outputs = []
+        for n in (1, 2, 3, 5, 1):
+            points = torch.rand(1, n, 3, generator=torch.Generator().manual_seed(n)) * 127
+            labels = (torch.arange(n) % 3 != 1).long()[None]
+            for multimask in (False, True):
+                outputs.append(model.decode(embedding, points, labels, previous, multimask))
+        return outputs
+
+    with torch.inference_mode():
+        clicks(compiled)  # the first call of each kind is eager: it derives what graphs read
+        for got, expected in zip(clicks(compiled), clicks(eager), strict=True):
+            torch.testing.assert_close(
+                got[0], expected[0], rtol=1e-4, atol=1e-4 * expected[0].abs().max()
+            )
+            torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
+            assert (got[2] != expected[2]).float().mean() < 1e-4
+        torch.manual_seed(1)
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in reference.state_dict().items()}
+        for model in (compiled, eager):
+            model.load_state_dict(state)
+        clicks(compiled)
+        for got, expected in zip(clicks(compiled), clicks(eager), strict=True):
+            torch.testing.assert_close(
+                got[0], expected[0], rtol=1e-4, atol=1e-4 * expected[0].abs().max()
+            )
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # {1, n points} x multimask
 
 
 @pytest.mark.parametrize("bf16", [False, True])

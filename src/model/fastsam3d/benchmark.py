@@ -188,6 +188,24 @@ def run_benchmarks(
                 warmup,
             )
         )
+        # a compiled encoder leaves the decoder as it was, except on CPUs (compiled too)
+        decoder_variants = [
+            (name, model)
+            for name, model in variants
+            if model._compiled_encoder is None or model._compiled_decode is not None
+        ]
+        add_opt_in(
+            [
+                (name, model)
+                for name, model in decoder_variants
+                if model._compiled_decode is not None
+            ],
+            "click (prompt + decoder + 128^3 upsample + threshold)",
+            1,
+            lambda m: _click(m, emb, points, labels, previous),
+            repeats,
+            warmup,
+        )
         results.append(
             _pair(
                 "decode without the 128^3 mask (what Session runs)",
@@ -200,7 +218,7 @@ def run_benchmarks(
             )
         )
         add_opt_in(
-            [(name, model) for name, model in variants if model._compiled_encoder is None],
+            decoder_variants,
             "decode without the 128^3 mask",
             1,
             lambda m: m.decode(emb, points, labels, previous, return_mask=False),

@@ -10,10 +10,8 @@ import torch
 
 def parameter_key(source: torch.Tensor) -> tuple:
     """What identifies a parameter's current values (its storage and version counter)."""
-    try:
-        version = source._version
-    except RuntimeError:  # an inference tensor: no version counter
-        version = None
+    # an inference tensor has no version counter (asking raises, which costs 15 us)
+    version = None if source.is_inference() else source._version
     return (source.data_ptr(), version, source.shape, source.device)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,8 +58,10 @@ class Sam3D(nn.Module):
         self.sparse_threshold = False
         self.threshold_kernel = False
         self._compiled_encoder = None
+        self._compiled_decode = None
         self._int8_encoder = False
-        self._encoder_weights_key: tuple | None = None
+        self._weights_keys: dict[str, tuple] = {}
+        self._weights_lists: dict[str, tuple[torch.Tensor, ...]] = {}
         self.register_load_state_dict_post_hook(Sam3D._forget_derived)
 
     @staticmethod
@@ -66,6 +69,7 @@ class Sam3D(nn.Module):
         """New weights: drop the dense PE and the CUDA graphs, which captured tensors derived
         from the old ones (merged decoder matrices, reshaped kernels)."""
         module._dense_pe_cache = None
+        module._weights_lists.clear()
         graphs = [module._encode_graph, *(module._decode_graphs or {}).values()]
         for cache in graphs:
             if cache is not None:
@@ -90,6 +94,8 @@ class Sam3D(nn.Module):
 
         Loading a state dict clears the cache; the buffer is never trained.
         """
+        if torch.compiler.is_compiling() and self._dense_pe_cache is not None:
+            return self._dense_pe_cache[1]  # kept fresh by the eager pass of decode()
         matrix = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
         key = (matrix.device, matrix.dtype, matrix.data_ptr())
         if self._dense_pe_cache is None or self._dense_pe_cache[0] != key:
@@ -131,9 +137,10 @@ class Sam3D(nn.Module):
         C++ compiler). With int8 on a CPU the compiled graph fuses the activations'
         quantisation into the surrounding elementwise work (about 1.25x the eager int8
         encoder on a 2-core Xeon); it reads the int8 weights of the last eager pass, which
-        :meth:`encode` repeats whenever a parameter has changed. The decoder is not
-        compiled: every compiled decoder measured was slower than its CUDA graph, and on a
-        CPU it gained 1.2x but compiles again for every new number of points
+        :meth:`encode` repeats whenever a parameter has changed. On a CPU the decoder is
+        compiled too (about 1.2x at the released size; two graphs, one for a single point
+        and one for any other number; an eager pass first whenever its weights changed); on
+        CUDA it is not: every compiled decoder measured was slower than its CUDA graph
         (docs/BENCHMARKS.md).
         ``dtype=torch.int8`` (CPU, opt-in) runs the encoder's matrix products in int8 (weights
         per channel, activations per row, :mod:`.quantized`; the patch embedding and the neck,
@@ -147,6 +154,8 @@ class Sam3D(nn.Module):
         "flash" (bias folded into the dot product; ``flash_attn`` on CUDA when installed).
         """
         device = self.device
+        self._weights_lists.clear()
+        self._weights_keys.clear()
         if dtype is None:
             dtype = torch.float32
         if dtype == torch.int8:
@@ -202,6 +211,11 @@ class Sam3D(nn.Module):
             self._compiled_encoder = torch.compile(
                 self._encoder_forward, mode=compile_mode, dynamic=False
             )
+            if device.type == "cpu":  # on CUDA the click replays a CUDA graph instead
+                self.mask_decoder.reuse_buffers = False  # the compiled graph plans its memory
+                self._compiled_decode = torch.compile(
+                    functools.partial(self._decode, return_mask=False), mode=compile_mode
+                )
         # the graph's input buffer holds the crops in the encoder's dtype: the copy into it
         # is the cast, one pass over the input instead of two
         self._encode_graph = GraphCache(self._encode, (dtype,)) if graphs else None
@@ -227,16 +241,30 @@ class Sam3D(nn.Module):
             return self._encode(x)[0]
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        if self._compiled_encoder is None:
+        # a compiled int8 encoder reads the int8 weights of the last eager pass
+        # (DerivedTensors): new weights take one eager pass, which quantises them
+        if self._compiled_encoder is None or (
+            self._int8_encoder and self._weights_changed("encoder", self.image_encoder)
+        ):
             return (self._encoder_forward(x),)
-        if self._int8_encoder:
-            # the compiled graph reads the int8 weights of the last eager call
-            # (DerivedTensors): new weights are quantised by one eager pass first
-            key = tuple(parameter_key(p) for p in self.image_encoder.parameters())
-            if key != self._encoder_weights_key:
-                self._encoder_forward(x)
-                self._encoder_weights_key = key
         return (self._compiled_encoder(x),)
+
+    def _weights_changed(self, part: str, *modules: nn.Module) -> bool:
+        """Whether the parameters and buffers of ``modules`` changed (storage or version
+        counter) since the last call for ``part``: compiled graphs read the tensors that the
+        last eager pass derived from them (DerivedTensors, the dense PE). The list of tensors
+        is kept until a state dict is loaded (walking the modules costs more than a decode's
+        tenth); a parameter replaced by assignment needs ``prepare_inference`` again."""
+        tensors = self._weights_lists.get(part)
+        if tensors is None:
+            tensors = tuple(
+                t for m in modules for t in itertools.chain(m.parameters(), m.buffers())
+            )
+            self._weights_lists[part] = tensors
+        key = tuple(parameter_key(t) for t in tensors)
+        changed = key != self._weights_keys.get(part)
+        self._weights_keys[part] = key
+        return changed
 
     def _encoder_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The image encoder on ``x`` cast to its dtype, returning fp32: what
@@ -281,9 +309,35 @@ class Sam3D(nn.Module):
         with on_device(device):
             if self._decode_graphs is not None and device.type == "cuda":
                 outputs = self._decode_graphs[options](*inputs)
+            elif self._compiled_decode is not None:
+                outputs = self._decode_compiled(*inputs, *options)
             else:
                 outputs = self._decode(*inputs, *options)
         return outputs if return_mask else (*outputs, None)
+
+    def _decode_compiled(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        multimask_output: bool,
+        return_mask: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """The logits from the compiled decoder (CPU; one graph for one point, one for any
+        other number), after an eager pass when its weights changed; the mask is thresholded
+        eagerly (its box depends on the values)."""
+        inputs = (embedding, points, labels, mask_input)
+        part = f"decoder, multimask {multimask_output}"  # each derives its own tensors
+        if self._weights_changed(part, self.prompt_encoder, self.mask_decoder):
+            low_res, iou = self._decode(*inputs, multimask_output, False)
+        else:
+            torch._dynamo.maybe_mark_dynamic(points, 1)
+            torch._dynamo.maybe_mark_dynamic(labels, 1)
+            low_res, iou = self._compiled_decode(*inputs, multimask_output=multimask_output)
+        if not return_mask:
+            return low_res, iou
+        return low_res, iou, self.threshold_logits(low_res)
 
     def _decode(
         self,
