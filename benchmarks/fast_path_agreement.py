@@ -86,7 +86,11 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-voxels", type=int, default=200)
-    parser.add_argument("--compile", action="store_true", help="the fast encoder compiled")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the fast path through torch.compile (encoder; on a CPU the decoder too)",
+    )
     args = parser.parse_args()
     if args.fixture:
         print(fixture_agreement(args.config, getattr(torch, args.dtype), args.fixture))

@@ -22,7 +22,7 @@ class DerivedTensors:
     Inside a region that ``torch.compile`` traces, the values of the last eager call are
     returned as they are (storage pointers cannot be traced): whoever compiles must run the
     module eagerly first, and again whenever its parameters change (see
-    ``Sam3D.encode``).
+    ``Sam3D._weights_changed``).
     """
 
     def __init__(self) -> None:
