@@ -407,6 +407,17 @@ def test_sparse_threshold_equals_full_upsample(batch, masks):
     assert agree_away_from_zero(model.threshold_logits(low), model.upsample_logits(low) + 0.5)
 
 
+def test_sparse_threshold_of_non_finite_logits_is_the_comparison():
+    model = build_model("tiny").eval().prepare_inference(cuda_graphs=False)
+    low = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    low[0, 0, 10, 11, 12] = float("nan")
+    low[0, 0, 20, 5, 7] = float("inf")
+    expected = model.upsample_logits(low) > 0
+    mask = model.threshold_logits(low)
+    assert torch.equal(mask, expected)
+    assert not mask[0, 0, 40:44, 44:48, 48:52].any()  # NaN > 0 is False
+
+
 def test_fast_decode_mask_is_the_thresholded_full_upsample():
     _, fast = tiny_pair(torch.float32)
     previous = blob_logits(torch.Generator().manual_seed(3), 1, 1, 1) * 20

@@ -13,11 +13,11 @@ from torch import nn
 from ..sampling import nonzero_box
 from . import fused_kernels
 from .attention import RelPosAttention3D
-from .common import MLP, MLPBlock, store_input_major
+from .common import MLP, SCRATCH, MLPBlock, store_input_major
 from .derived import parameter_key
 from .fast_path import GraphCache, on_device
 from .quantized import native_bf16, quantize_int8
-from .upsample import trilinear_upsample
+from .upsample import positive_in_place, trilinear_upsample
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -372,6 +372,9 @@ class Sam3D(nn.Module):
         combination, so a voxel whose 2x2x2 low-res neighbours are all <= 0 stays <= 0 in
         floating point too, and a crop with a one-cell margin interpolates with the same
         weights as the whole volume. The values equal the full path's up to fp32 rounding.
+        The box's mask is cast from the upsampled logits' ReLU
+        (:func:`.upsample.positive_in_place`); logits with a NaN or an infinity take the
+        full path.
         """
         if self.threshold_kernel and low_res.is_cuda:
             size = (self.image_size,) * 3
@@ -382,6 +385,7 @@ class Sam3D(nn.Module):
             not self.sparse_threshold
             or factor % 2
             or any(n * factor != self.image_size for n in cells)
+            or not bool(torch.isfinite(low_res.sum()))  # NaN or infinite logits
         ):
             return self.upsample_logits(low_res) > self.mask_threshold
         if self.mask_threshold != 0:
@@ -398,7 +402,12 @@ class Sam3D(nn.Module):
             crop.append(slice(c0, c1))
             out.append(slice(lo, hi))
             local.append(slice(lo - factor * c0, hi - factor * c0))
-        inside = trilinear_upsample(low_res[(..., *crop)], factor)[(..., *local)] > 0
+        work = None
+        if low_res.device.type == "cpu":  # the largest box: every mask's whole volume
+            largest = low_res.shape[0] * low_res.shape[1] * self.image_size**3
+            work = SCRATCH.get("upsampled logits", (largest,), low_res.dtype)
+        upsampled = trilinear_upsample(low_res[(..., *crop)], factor, work)
+        inside = positive_in_place(upsampled)[(..., *local)]
         if inside.shape[2:] == size:
             return inside
         mask = torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
