@@ -6,6 +6,7 @@ import functools
 import itertools
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -385,13 +386,16 @@ class Sam3D(nn.Module):
             not self.sparse_threshold
             or factor % 2
             or any(n * factor != self.image_size for n in cells)
-            or not bool(torch.isfinite(low_res.sum()))  # NaN or infinite logits
         ):
             return self.upsample_logits(low_res) > self.mask_threshold
         if self.mask_threshold != 0:
             return trilinear_upsample(low_res, factor) > self.mask_threshold
+        # the checks on the host: a few small parallel ops cost more than the copy
+        values = low_res.detach().flatten(0, 1).cpu().numpy()
+        if not np.isfinite(values).all():
+            return self.upsample_logits(low_res) > 0
         size = (self.image_size,) * 3
-        box = nonzero_box((low_res > 0).flatten(0, 1).any(0).cpu().numpy())
+        box = nonzero_box((values > 0).any(0))
         if box is None:
             return torch.zeros((*low_res.shape[:2], *size), dtype=torch.bool, device=low_res.device)
         crop, out, local = [], [], []
