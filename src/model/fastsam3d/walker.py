@@ -148,45 +148,75 @@ def random_walker(
     if initial is not None:
         x = initial.float().contiguous() * unknown
     rhs.mul_(unknown)
-    inverse_diag = unknown / diagonal.clamp(min=1e-12)
-
-    # The products below skip the mask of unknown voxels: the direction is zero on seeds, so
-    # the seeds' rows of a product only reach the residual there, where the preconditioner
-    # zeroes them; the convergence test masks them out.
-    residual = (rhs - laplacian(x, edges, diagonal)).mul_(unknown)
-    z = residual * inverse_diag
-    direction = z.clone()
-    rz = torch.dot(residual.flatten(), z.flatten())
-    rz_new = torch.empty_like(rz)
     stop = tol * rhs.norm().clamp(min=1e-20)
-    a_dir, masked = torch.empty_like(x), torch.empty_like(x)
+
+    # Jacobi-preconditioned CG, run as plain CG on the symmetrically scaled system
+    # (S A S) y = S rhs with S = diag(unknown / sqrt(diagonal)) and x = S y: the same iterates
+    # in exact arithmetic, with a unit diagonal and no preconditioner pass per step. S is zero
+    # on the seeds, so y, the residual and every direction stay zero there.
+    root = diagonal.clamp(min=1e-12).sqrt_().mul_(unknown)
+    scale = torch.where(unknown > 0, 1 / root.clamp(min=1e-12), 0.0)
+    scaled = scaled_edges(edges, scale)
+    y = x * root
+    residual = rhs.mul_(scale).sub_(unit_diagonal_product(y, scaled))
+    direction = residual.clone()
+    rr = torch.dot(residual.flatten(), residual.flatten())
+    rr_new = torch.empty_like(rr)
+    a_dir, unscaled = torch.empty_like(y), torch.empty_like(y)
 
     def steps(count: int) -> None:
         """``count`` conjugate-gradient steps, in place (a CUDA graph can replay them)."""
         for _ in range(count):
-            laplacian(direction, edges, diagonal, out=a_dir)
-            alpha = rz / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
-            x.addcmul_(alpha, direction)
+            unit_diagonal_product(direction, scaled, out=a_dir)
+            alpha = rr / torch.dot(direction.flatten(), a_dir.flatten()).clamp(min=1e-30)
+            y.addcmul_(alpha, direction)
             residual.addcmul_(alpha, a_dir, value=-1)
-            torch.mul(residual, inverse_diag, out=z)
-            torch.dot(residual.flatten(), z.flatten(), out=rz_new)
-            direction.mul_(rz_new / rz).add_(z)
-            rz.copy_(rz_new)
+            torch.dot(residual.flatten(), residual.flatten(), out=rr_new)
+            torch.addcmul(residual, rr_new / rr, direction, out=direction)
+            rr.copy_(rr_new)
 
     graph = None
     for step in range(0, iterations, CHECK_EVERY):
-        # on a GPU the comparison waits for the device
-        if torch.mul(residual, unknown, out=masked).norm() < stop:
+        # the residual of the unscaled system; on a GPU the comparison waits for the device
+        if torch.mul(residual, root, out=unscaled).norm() < stop:
             break
         count = min(CHECK_EVERY, iterations - step)
         if graph is not None and count == CHECK_EVERY:
             graph.replay()
             continue
         steps(count)
-        if x.is_cuda and GRAPH_STEPS and count == CHECK_EVERY:
-            with on_device(x.device):
+        if y.is_cuda and GRAPH_STEPS and count == CHECK_EVERY:
+            with on_device(y.device):
                 graph = capture_graph(lambda: steps(CHECK_EVERY))
-    return (x * unknown + fixed).clamp(0, 1)
+    return (y * scale + fixed).clamp(0, 1)
+
+
+def scaled_edges(
+    edges: list[tuple[int, torch.Tensor]], scale: torch.Tensor
+) -> list[tuple[int, torch.Tensor]]:
+    """``edges`` (:func:`flat_edges`) with each weight times the ``scale`` of both its ends:
+    the off-diagonal of ``S L S`` for ``S = diag(scale)``."""
+    flat, size = scale.reshape(-1), scale.numel()
+    return [(offset, w * flat[: size - offset] * flat[offset:]) for offset, w in edges]
+
+
+def unit_diagonal_product(
+    x: torch.Tensor, edges: list[tuple[int, torch.Tensor]], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x - sum over neighbours j of w_ij x_j`` for ``edges`` from :func:`scaled_edges`: the
+    scaled system's matrix (unit diagonal) times ``x``, for ``x`` zero wherever the scale is.
+    ``out`` (contiguous) receives it; the first edge writes it, so no pass copies ``x``."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    flat, product, size = x.reshape(-1), out.view(-1), x.numel()
+    (offset, w), *rest = edges
+    torch.addcmul(flat[: size - offset], w, flat[offset:], value=-1, out=product[: size - offset])
+    product[size - offset :].copy_(flat[size - offset :])
+    product[offset:].addcmul_(w, flat[: size - offset], value=-1)
+    for offset, w in rest:
+        product[: size - offset].addcmul_(w, flat[offset:], value=-1)
+        product[offset:].addcmul_(w, flat[: size - offset], value=-1)
+    return out
 
 
 def random_walker_exact(image: torch.Tensor, seeds: torch.Tensor, beta: float = 90.0):
