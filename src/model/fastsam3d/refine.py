@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .geometry import MODEL_SPACING
+from .sampling import nonzero_box
 from .walker import random_walker, random_walker_exact
 
 CLICK_WALKER_MODES = ("ct", "on", "off")
@@ -196,10 +197,15 @@ def clicked_parts(
     mostly a leak into a neighbouring structure of similar intensity; the user adds a part
     they want with a click in it. Unchanged when no positive click lies in the mask.
     """
-    parts, count = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3), dtype=bool))
+    array = mask.cpu().numpy()
+    box = nonzero_box(array)
+    if box is None:
+        return mask
+    # the components lie inside the mask's bounding box: label only that
+    parts, count = ndimage.label(array[box], structure=np.ones((3, 3, 3), dtype=bool))
     clicked = set()
     for point, label in zip(points, labels, strict=True):
-        voxel = tuple(int(round(v)) for v in point)
+        voxel = tuple(int(round(v)) - s.start for v, s in zip(point, box, strict=True))
         if label and all(0 <= v < n for v, n in zip(voxel, parts.shape, strict=True)):
             clicked.add(int(parts[voxel]))
     clicked.discard(0)
@@ -207,7 +213,9 @@ def clicked_parts(
         return mask
     keep = np.zeros(count + 1, dtype=bool)
     keep[list(clicked)] = True
-    return torch.from_numpy(keep[parts]).to(mask.device)
+    kept = np.zeros_like(array)
+    kept[box] = keep[parts]
+    return torch.from_numpy(kept).to(mask.device)
 
 
 def coarsening(shape, spacing: Sequence[float], max_voxels: int) -> list[int]:
