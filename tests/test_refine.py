@@ -70,6 +70,22 @@ def test_the_flat_laplacian_is_the_graph_laplacian(shape):
     torch.testing.assert_close(walker.degree(edges, shape).double(), degree)
 
 
+@pytest.mark.parametrize("shape", [(5, 4, 3), (1, 6, 7), (6, 1, 1)])
+def test_the_scaled_product_is_the_scaled_laplacian(shape):
+    """``unit_diagonal_product`` with ``scaled_edges`` is ``S (L + D' - D) S x`` for a
+    diagonal ``D'`` whose scaled entries are 1, with ``S`` zero on the seeds."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(shape, generator=generator)
+    edges = walker.flat_edges(walker.edge_weights(image, beta=5.0), shape)
+    diagonal = walker.degree(edges, shape) + 0.3
+    unknown = (torch.rand(shape, generator=generator) > 0.3).float()
+    scale = unknown / diagonal.sqrt()
+    x = torch.randn(shape, generator=generator) * unknown
+    product = walker.unit_diagonal_product(x, walker.scaled_edges(edges, scale))
+    expected = walker.laplacian(x * scale, edges, diagonal) * scale
+    torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_walker_takes_permuted_inputs():
     """Arrays in another memory order (a transposed volume) give the same solution."""
     image = torch.rand(6, 7, 8, generator=torch.Generator().manual_seed(1))
