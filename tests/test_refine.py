@@ -72,8 +72,9 @@ def test_the_flat_laplacian_is_the_graph_laplacian(shape):
 
 @pytest.mark.parametrize("shape", [(5, 4, 3), (1, 6, 7), (6, 1, 1)])
 def test_the_scaled_product_is_the_scaled_laplacian(shape):
-    """``unit_diagonal_product`` with ``scaled_edges`` is ``S (L + D' - D) S x`` for a
-    diagonal ``D'`` whose scaled entries are 1, with ``S`` zero on the seeds."""
+    """``unit_diagonal_product`` with ``scaled_edges`` is ``S A S x``, ``A`` the Laplacian
+    with ``diagonal`` as its diagonal and ``S = diag(unknown / sqrt(diagonal))``: a unit
+    diagonal on the unknowns, zero on the seeds."""
     generator = torch.Generator().manual_seed(1)
     image = torch.rand(shape, generator=generator)
     edges = walker.flat_edges(walker.edge_weights(image, beta=5.0), shape)

@@ -407,9 +407,9 @@ class Sam3D(nn.Module):
             out.append(slice(lo, hi))
             local.append(slice(lo - factor * c0, hi - factor * c0))
         work = None
-        if low_res.device.type == "cpu":  # the largest box: every mask's whole volume
-            largest = low_res.shape[0] * low_res.shape[1] * self.image_size**3
-            work = SCRATCH.get("upsampled logits", (largest,), low_res.dtype)
+        if low_res.device.type == "cpu" and low_res.shape[0] * low_res.shape[1] == 1:
+            # one mask (a click): a buffer for the largest box, 8 MB kept per thread
+            work = SCRATCH.get("upsampled logits", (self.image_size**3,), low_res.dtype)
         upsampled = trilinear_upsample(low_res[(..., *crop)], factor, work)
         inside = positive_in_place(upsampled)[(..., *local)]
         if inside.shape[2:] == size:
