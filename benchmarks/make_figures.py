@@ -75,7 +75,14 @@ def plot_dice_vs_clicks(panels: dict[str, list[str]], target: Path) -> Path:
 def plot_latency(files: list[str], out: Path) -> Path:
     """Horizontal bars (log scale): reference and fast median per path, one panel per device."""
     reports = [json.loads(Path(p).read_text()) for p in sorted(files)]
-    fig, axes = plt.subplots(len(reports), 1, figsize=(8, 2.6 * len(reports)), squeeze=False)
+    counts = [len(report["results"]) for report in reports]
+    fig, axes = plt.subplots(
+        len(reports),
+        1,
+        figsize=(9, 0.3 * sum(counts) + 1.2 * len(reports)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": counts},
+    )
     for ax, report in zip(axes[:, 0], reports, strict=True):
         rows = report["results"]
         names = [f"{re.sub(r' [(][^)]*[)]', '', r['name'])} (batch {r['batch']})" for r in rows]
@@ -87,7 +94,7 @@ def plot_latency(files: list[str], out: Path) -> Path:
         ax.set_yticks(y, names, fontsize=8)
         ax.set_xscale("log")
         ax.set(xlabel="median ms", title=f"{report['device']} (torch {report['torch']})")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save(fig, out / "latency.png", dpi=120)
 
 
