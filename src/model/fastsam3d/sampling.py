@@ -8,6 +8,10 @@ factorises into one 1-D interpolation per axis: the same numbers as
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 
@@ -63,11 +67,30 @@ def interpolate_axis_aligned(field: np.ndarray, matrix: np.ndarray, start, shape
     return out.transpose(np.argsort(perm))
 
 
+_SLAB_POOL: tuple[ThreadPoolExecutor, int, int] | None = None
+_SLAB_POOL_LOCK = threading.Lock()
+
+
+def _slab_pool() -> tuple[ThreadPoolExecutor, int]:
+    """Threads that sample a box's slabs side by side (numpy's loops release the GIL), one per
+    core this process may use, at most 8, and their number; made on first use in each process
+    (a forked child does not inherit its parent's threads)."""
+    global _SLAB_POOL
+    with _SLAB_POOL_LOCK:
+        if _SLAB_POOL is None or _SLAB_POOL[2] != os.getpid():
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            workers = max(1, min(cores or os.cpu_count() or 1, 8))
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="fastsam3d-sampling")
+            _SLAB_POOL = pool, workers, os.getpid()
+        return _SLAB_POOL[:2]
+
+
 def sample_box(
     field: np.ndarray, matrix: np.ndarray, start, shape, order: int, slab_voxels: int = 2**18
 ) -> np.ndarray:
     """:func:`interpolate_axis_aligned`, reading only the block of ``field`` the box needs, in
-    slabs of output planes (about ``slab_voxels`` voxels each).
+    slabs of output planes (about ``slab_voxels`` voxels each), several slabs at a time on
+    the cores this process may use.
 
     Each block spans its slab's corners mapped into ``field`` plus one voxel on each side, so
     every voxel interpolates from the same neighbours with the same weights as from the whole
@@ -78,13 +101,21 @@ def sample_box(
     thick = max(1, slab_voxels // max(shape[1] * shape[2], 1))
     if thick >= shape[0]:
         return _sample_block(field, matrix, start, shape, order)
-    out = None
-    for first in range(0, shape[0], thick):
+
+    def slab(first: int) -> np.ndarray:
         size = (min(thick, shape[0] - first), *shape[1:])
-        part = _sample_block(field, matrix, start + (first, 0, 0), size, order)
-        if out is None:
-            out = np.empty(shape, dtype=part.dtype)
-        out[first : first + size[0]] = part
+        return _sample_block(field, matrix, start + (first, 0, 0), size, order)
+
+    pool, workers = _slab_pool()
+    firsts = list(range(0, shape[0], thick))
+    out = None
+    # in waves of one slab per thread: at most that many slabs wait to be copied
+    for wave in range(0, len(firsts), workers):
+        batch = firsts[wave : wave + workers]
+        for first, part in zip(batch, pool.map(slab, batch), strict=True):
+            if out is None:
+                out = np.empty(shape, dtype=part.dtype)
+            out[first : first + part.shape[0]] = part
     return out
 
 
