@@ -10,6 +10,7 @@ from fastsam3d import walker
 from fastsam3d.errors import InputError
 from fastsam3d.refine import (
     RefineSettings,
+    block_mean,
     click_seeds,
     click_walker,
     clicked_parts,
@@ -187,6 +188,31 @@ def test_large_boxes_are_solved_coarser_and_agree():
     small = RefineSettings(max_voxels=20**3)
     coarse = refine_mask(image, logits, [centre], [1], spacing, small)
     assert _dice(full, truth) > 0.95 and _dice(coarse, full) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("shape", "factors"), [((7, 5, 4), (2, 2, 3)), ((12, 6, 5), (3, 1, 2)), ((1, 4, 4), (2, 2, 2))]
+)
+def test_block_means_are_the_padded_blocks_means_whatever_the_threads(shape, factors):
+    """Block means equal the means of the blocks of the volume padded with copies of its last
+    planes, and the slabs the first axis is cut into (one per thread) change no bit."""
+    volume = torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    padded = np.pad(
+        volume.numpy(), [(0, -n % f) for n, f in zip(shape, factors, strict=True)], mode="edge"
+    )
+    blocks = padded.reshape(
+        [m for n, f in zip(padded.shape, factors, strict=True) for m in (n // f, f)]
+    ).mean(axis=(1, 3, 5))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(block_mean(volume, factors))
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(results[0].numpy(), blocks, rtol=1e-6)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
 def test_coarsening_takes_the_finest_axes_first():

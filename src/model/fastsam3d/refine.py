@@ -233,12 +233,22 @@ def coarsening(shape, spacing: Sequence[float], max_voxels: int) -> list[int]:
 
 
 def block_mean(array: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """Block means over ``factors`` (the last partial block averaged over what it has)."""
+    """Block means over ``factors`` (a partial last block padded with copies of the last
+    plane).
+
+    On a CPU ``avg_pool3d`` shares its work out by batch and channel, so the first axis is
+    cut into one slab of whole blocks per thread, given as a batch: the same windows, the
+    same values (the planes that make the slabs even are dropped from the result).
+    """
     pads = []
     for n, f in zip(reversed(array.shape), reversed(factors), strict=True):
         pads += [0, -n % f]
-    padded = F.pad(array[None, None], pads, mode="replicate")
-    return F.avg_pool3d(padded, tuple(factors))[0, 0]
+    rows = -(-array.shape[0] // factors[0])
+    parts = max(1, min(torch.get_num_threads(), rows)) if array.device.type == "cpu" else 1
+    pads[-1] += (-rows % parts) * factors[0]
+    padded = F.pad(array[None, None], pads, mode="replicate")[0, 0]
+    means = F.avg_pool3d(padded.reshape(parts, 1, -1, *padded.shape[1:]), tuple(factors))
+    return means.reshape(-1, *means.shape[-2:])[:rows]
 
 
 def block_coordinates(points, factors) -> list[np.ndarray]:
