@@ -17,6 +17,7 @@ from fastsam3d.refine import (
     coarsening,
     refine_mask,
 )
+from fastsam3d.refine import _band_box as band_box
 from fastsam3d.walker import random_walker
 
 
@@ -213,6 +214,24 @@ def test_block_means_are_the_padded_blocks_means_whatever_the_threads(shape, fac
         torch.set_num_threads(threads)
     np.testing.assert_allclose(results[0].numpy(), blocks, rtol=1e-6)
     assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_the_band_box_is_the_bounding_box_grown_by_the_margin():
+    """The refinement's solve box: the band's bounding box, grown by the margin in mm per axis
+    and cut at the volume; None for an empty band."""
+    rng = np.random.default_rng(5)
+    for density in (0.002, 0.05):
+        band = rng.random((19, 23, 17)) < density
+        band[3, 4, 5] = True
+        box = band_box(torch.from_numpy(band), (1.0, 2.0, 0.5), margin_mm=2.0)
+        hits = np.nonzero(band)
+        grow = (2, 1, 4)
+        expected = tuple(
+            slice(max(int(h.min()) - g, 0), min(int(h.max()) + 1 + g, n))
+            for h, g, n in zip(hits, grow, band.shape, strict=True)
+        )
+        assert box == expected
+    assert band_box(torch.zeros(4, 5, 6, dtype=torch.bool), (1.0, 1.0, 1.0), 2.0) is None
 
 
 def test_coarsening_takes_the_finest_axes_first():

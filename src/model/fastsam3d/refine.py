@@ -260,12 +260,16 @@ def block_coordinates(points, factors) -> list[np.ndarray]:
 
 def _band_box(band: torch.Tensor, spacing: Sequence[float], margin_mm: float):
     """Bounding box of the band grown by ``margin_mm``, or None if the band is empty."""
-    if not bool(band.any()):
+    # the occupied rows of each axis from one projection and one reduction over the outer
+    # axes, as a maximum over bytes: on a CPU several times faster than ``any`` over bools
+    flags = band.view(torch.uint8)
+    plane = flags.amax(dim=2)
+    if not bool(plane.any()):
         return None
+    profiles = (plane.amax(dim=1), plane.amax(dim=0), flags.flatten(0, 1).amax(dim=0))
     box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = band.any(dim=other).nonzero()[:, 0]
+    for axis, profile in enumerate(profiles):
+        hits = profile.nonzero()[:, 0]
         grow = int(np.ceil(margin_mm / spacing[axis]))
         lo = max(int(hits[0]) - grow, 0)
         hi = min(int(hits[-1]) + 1 + grow, band.shape[axis])
