@@ -10,6 +10,10 @@ Dice on the whole volume after each click. Same clicks for every setting compare
     python benchmarks/session_dice.py ... --click-walker off  # refinement from the model alone
     python benchmarks/session_dice.py ... --keep-unclicked-parts  # parts without a click too
     python benchmarks/session_dice.py ... --exact  # the unprepared exact fp32 reference model
+    python benchmarks/session_dice.py ... --protocol fastsam3d --seed 2023,2024,2025
+
+Two reports of the same volume compare click by click, paired by structure and seed, with
+``benchmarks/compare_dice.py``: one run's mean moves by a few hundredths on its own.
 
 The model runs its fast path (``prepare_inference()``), as the napari plugin and the CLI load
 it.
@@ -60,7 +64,13 @@ def main() -> None:
     parser.add_argument(
         "--exact", action="store_true", help="the exact fp32 reference (no prepare_inference)"
     )
-    parser.add_argument("--seed", type=int, default=2023)
+    parser.add_argument(
+        "--seed",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[2023],
+        help="comma-separated seeds of the clicks' random generators; one run per seed "
+        "(the official protocol's later clicks are random; cvpr25 clicks are not)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -83,23 +93,27 @@ def main() -> None:
     settings = SessionSettings(refine=None if args.no_refine else refine)
     cache = EmbeddingCache()
     results, seconds = [], []
-    for value in np.unique(labels)[1:]:
-        gt = labels == value
-        if gt.sum() < args.min_voxels or (args.structures and int(value) not in args.structures):
-            continue
-        session = fastsam3d.Session(model, volume, args.device, settings=settings, cache=cache)
-        rng = np.random.default_rng([args.seed, int(value)])
-        pred, dices = np.zeros_like(gt), []
-        for index in range(args.clicks):
-            click = protocol_click(args.protocol, index, pred, gt, rng)
-            if click is not None:
-                start = time.perf_counter()
-                pred = session.add_point(click.point, click.positive)
-                seconds.append(time.perf_counter() - start)
-            dices.append(dice_score(pred, gt))
-        results.append({"structure": int(value), "voxels": int(gt.sum()), "dice": dices})
+    for seed in args.seed:
+        for value in np.unique(labels)[1:]:
+            gt = labels == value
+            if gt.sum() < args.min_voxels or (
+                args.structures and int(value) not in args.structures
+            ):
+                continue
+            session = fastsam3d.Session(model, volume, args.device, settings=settings, cache=cache)
+            rng = np.random.default_rng([seed, int(value)])
+            pred, dices = np.zeros_like(gt), []
+            for index in range(args.clicks):
+                click = protocol_click(args.protocol, index, pred, gt, rng)
+                if click is not None:
+                    start = time.perf_counter()
+                    pred = session.add_point(click.point, click.positive)
+                    seconds.append(time.perf_counter() - start)
+                dices.append(dice_score(pred, gt))
+            result = {"structure": int(value), "seed": seed, "voxels": int(gt.sum())}
+            results.append({**result, "dice": dices})
     mean = np.mean([r["dice"] for r in results], axis=0)
-    print(f"{len(results)} structures, refine={settings.refine}, mean Dice per click:")
+    print(f"{len(results)} click sequences, refine={settings.refine}, mean Dice per click:")
     print(" ".join(f"{v:.3f}" for v in mean))
     print(f"median click {1000 * float(np.median(seconds)):.0f} ms (first clicks of ROIs included)")
     if args.json:

@@ -300,3 +300,63 @@ def test_fine_spacing_is_refused_for_baselines_and_out_of_range():
         E.build_segmenter("random-walker", "cvpr25", "cpu", fine_spacing=0.75)
     with pytest.raises(E.InputError, match="fine_spacing"):
         E.SamSegmenter(_ViewModel(), newest_only=True, fine_spacing=1.5)
+
+
+def test_paired_difference_pairs_sequences_by_case_structure_and_seed():
+    base = [
+        {"case": "a", "structure": 1, "seed": 1, "dice": [0.5, 0.6]},
+        {"case": "a", "structure": 1, "seed": 2, "dice": [0.4, 0.9]},
+        {"case": "a", "structure": 2, "seed": 1, "dice": [0.7, 0.7]},
+        {"case": "b", "structure": 1, "seed": 1, "dice": [0.0, 0.0]},  # no partner: left out
+    ]
+    # listed in another order; the seed-2 sequence falls by 0.3 at the second click
+    other = [
+        {"case": "a", "structure": 2, "seed": 1, "dice": [0.7, 0.95]},
+        {"case": "a", "structure": 1, "seed": 2, "dice": [0.4, 0.6]},
+        {"case": "a", "structure": 1, "seed": 1, "dice": [0.5, 0.7]},
+    ]
+    report = E.paired_difference(base, other)
+    assert report["sequences"] == 3
+    second = np.array([0.1, -0.3, 0.25])
+    assert report["mean"][0] == 0.0 and report["p_value"][0] is None
+    assert report["mean"][1] == pytest.approx(second.mean())
+    assert report["standard_error"][1] == pytest.approx(second.std(ddof=1) / np.sqrt(3))
+    assert 0 < report["p_value"][1] < 1
+    assert (report["better"], report["worse"]) == ([0, 1], [0, 1])
+
+
+def test_paired_difference_refuses_reports_without_common_sequences_or_equal_lengths():
+    base = [{"structure": 1, "dice": [0.5, 0.6]}]
+    with pytest.raises(E.InputError, match="share no"):
+        E.paired_difference(base, [{"structure": 2, "dice": [0.5, 0.6]}])
+    with pytest.raises(E.InputError, match="numbers of clicks"):
+        E.paired_difference(base, [{"structure": 1, "dice": [0.5]}])
+
+
+def test_compare_dice_script_prints_one_row_per_click(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_dice.py"
+    rng = np.random.default_rng(0)
+    # eighths: each difference is exactly 0.5, so no spread and no t-test
+    base = [
+        {"structure": s, "seed": 7, "dice": (rng.integers(0, 4, 3) / 8).tolist()}
+        for s in range(1, 9)
+    ]
+    other = [{**r, "dice": [v + 0.5 for v in r["dice"]]} for r in base]
+    paths = []
+    for name, results in (("base", base), ("other", other)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"results": results}))
+    done = subprocess.run(
+        [sys.executable, str(script), *map(str, paths), "--large", "0.4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "8 paired sequences"
+    assert "better by > 0.4" in lines[2]
+    assert lines[4:] == [f"| {c} | +0.500 | 0.000 | - | 8 | 0 |" for c in (1, 2, 3)]

@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from tqdm import tqdm
 
 from . import zoom
@@ -323,6 +324,50 @@ def summarise(results: list[dict]) -> dict:
         "mean_dice_per_click": [round(float(v), 4) for v in table.mean(0)],
         "mean_max_dice": round(float(table.max(1).mean()), 4),
     }
+
+
+def paired_difference(base: list[dict], other: list[dict], large: float = 0.2) -> dict:
+    """Per click, how ``other``'s Dice differs from ``base``'s on the same click sequences.
+
+    Results (the ``results`` lists of ``fastsam3d eval`` or ``benchmarks/session_dice.py``
+    reports) are paired by case, structure and seed. A method that changes a mask changes
+    every later click of that sequence, so one run's mean moves by a few hundredths on its own
+    (docs/RESULTS.md, session 22); the standard error and a paired t-test say whether a
+    difference stands out of that.
+
+    Returns:
+        ``sequences`` (the number paired) and, per click, ``mean`` (other - base),
+        ``standard_error``, ``p_value`` (two-sided paired t-test; None where every difference
+        is zero), ``better`` and ``worse`` (sequences that moved by more than ``large``).
+    """
+
+    def keyed(results: list[dict]) -> dict:
+        return {(r.get("case"), r["structure"], r.get("seed")): r["dice"] for r in results}
+
+    first, second = keyed(base), keyed(other)
+    keys = sorted(first.keys() & second.keys(), key=str)
+    if not keys:
+        raise InputError("the two reports share no (case, structure, seed) sequence")
+    lengths = {len(first[k]) for k in keys} | {len(second[k]) for k in keys}
+    if len(lengths) != 1:
+        raise InputError(f"the sequences have different numbers of clicks: {sorted(lengths)}")
+    a = np.array([first[k] for k in keys], dtype=np.float64)
+    b = np.array([second[k] for k in keys], dtype=np.float64)
+    diff = b - a
+    report = {"sequences": len(keys), "mean": [], "standard_error": [], "p_value": []}
+    report.update(better=[], worse=[])
+    for click in range(diff.shape[1]):
+        column = diff[:, click]
+        spread = column.std(ddof=1) if len(column) > 1 else 0.0
+        p_value = None
+        if spread > 0:
+            p_value = float(stats.ttest_rel(b[:, click], a[:, click]).pvalue)
+        report["mean"].append(float(column.mean()))
+        report["standard_error"].append(float(spread / np.sqrt(len(column))))
+        report["p_value"].append(p_value)
+        report["better"].append(int((column > large).sum()))
+        report["worse"].append(int((column < -large).sum()))
+    return report
 
 
 def markdown_table(report: dict) -> str:
