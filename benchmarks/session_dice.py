@@ -91,9 +91,9 @@ def main() -> None:
     }
     refine = RefineSettings(**{k: v for k, v in chosen.items() if v is not None})
     settings = SessionSettings(refine=None if args.no_refine else refine)
-    cache = EmbeddingCache()
     results, seconds = [], []
     for seed in args.seed:
+        cache = EmbeddingCache()  # each seed as its own run: a fresh cache of encoded ROIs
         for value in np.unique(labels)[1:]:
             gt = labels == value
             if gt.sum() < args.min_voxels or (
