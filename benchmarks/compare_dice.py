@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from fastsam3d.evaluation import paired_difference
 
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("other")
     parser.add_argument("--large", type=float, default=0.2, help="what counts as a large move")
     args = parser.parse_args()
-    reports = [json.loads(open(path).read())["results"] for path in (args.base, args.other)]
+    reports = [json.loads(Path(path).read_text())["results"] for path in (args.base, args.other)]
     report = paired_difference(*reports, large=args.large)
     print(format_comparison(report, args.large))
 

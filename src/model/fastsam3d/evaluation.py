@@ -353,17 +353,13 @@ def paired_difference(base: list[dict], other: list[dict], large: float = 0.2) -
         raise InputError(f"the sequences have different numbers of clicks: {sorted(lengths)}")
     a = np.array([first[k] for k in keys], dtype=np.float64)
     b = np.array([second[k] for k in keys], dtype=np.float64)
-    diff = b - a
     report = {"sequences": len(keys), "mean": [], "standard_error": [], "p_value": []}
-    report.update(better=[], worse=[])
-    for click in range(diff.shape[1]):
-        column = diff[:, click]
-        spread = column.std(ddof=1) if len(column) > 1 else 0.0
-        p_value = None
-        if spread > 0:
-            p_value = float(stats.ttest_rel(b[:, click], a[:, click]).pvalue)
+    report |= {"better": [], "worse": []}
+    for click, column in enumerate((b - a).T):
+        error = float(stats.sem(column)) if len(column) > 1 else 0.0
+        p_value = float(stats.ttest_rel(b[:, click], a[:, click]).pvalue) if error > 0 else None
         report["mean"].append(float(column.mean()))
-        report["standard_error"].append(float(spread / np.sqrt(len(column))))
+        report["standard_error"].append(error)
         report["p_value"].append(p_value)
         report["better"].append(int((column > large).sum()))
         report["worse"].append(int((column < -large).sum()))
