@@ -58,6 +58,9 @@ def main() -> None:
     )
     parser.add_argument("--walker-step", type=float, help="RefineSettings.walker_step_mm")
     parser.add_argument("--walker-side", type=int, help="RefineSettings.walker_side")
+    parser.add_argument(
+        "--walker-later-seed", type=float, help="RefineSettings.walker_later_seed_mm"
+    )
     parser.add_argument("--refine-beta", type=float, help="RefineSettings.beta (default: its own)")
     parser.add_argument("--refine-prior", type=float, help="RefineSettings.prior_weight")
     parser.add_argument("--device", default="cpu")
@@ -87,6 +90,7 @@ def main() -> None:
         "click_walker": args.click_walker,
         "walker_step_mm": args.walker_step,
         "walker_side": args.walker_side,
+        "walker_later_seed_mm": args.walker_later_seed,
         "clicked_parts_only": False if args.keep_unclicked_parts else None,
     }
     refine = RefineSettings(**{k: v for k, v in chosen.items() if v is not None})

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d import InputError, Session, SessionError, Volume, zoom
+from fastsam3d import InputError, Session, SessionError, Volume, walker_field, zoom
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.predictor import resolve_device
-from fastsam3d.refine import RefineSettings
+from fastsam3d.refine import RefineSettings, click_seeds
 from fastsam3d.roi import tile_origins
 from fastsam3d.session import SessionSettings
 from fastsam3d.stand_in import ThresholdModel
@@ -700,6 +700,27 @@ def test_walker_field_samples_its_cube_and_bounds_its_support():
     assert solve_walker_field(volume, [(30, 30, 30)], [False], RefineSettings()) is None
 
 
+def test_the_click_walker_seeds_smaller_balls_once_an_object_has_two_clicks(monkeypatch):
+    volume, _ = _balls(shape=(160, 60, 60), balls=((30, 30, 30, 10),))
+    radii, positive = [], []
+
+    def seeds_only(image, points, labels, closed_faces=None, radius=1.0):
+        radii.append(radius)
+        positive.append(int((click_seeds(image.shape, points, labels, radius) == 1).sum()))
+        return torch.zeros(image.shape)
+
+    monkeypatch.setattr(walker_field, "click_walker", seeds_only)
+    one, two = ([(30, 30, 30)], [True]), ([(30, 30, 30), (60, 30, 30)], [True, False])
+    solve_walker_field(volume, *one, RefineSettings())
+    solve_walker_field(volume, *two, RefineSettings())
+    solve_walker_field(volume, *two, RefineSettings(walker_later_seed_mm=4.5))
+    # the walker's cells are 3 mm: balls of 1.5 and 1 cells
+    assert radii == pytest.approx([1.5, 1.0, 1.5]) and positive[0] > positive[1] > 0
+    assert positive[2] == positive[0]
+    with pytest.raises(InputError, match="walker_seed_mm"):
+        RefineSettings(walker_later_seed_mm=-1.0)
+
+
 def test_thick_slices_are_not_refined():
     volume, _ = _balls(shape=(70, 64, 16), spacing=(1.0, 1.0, 5.0), balls=((34, 32, 8, 10),))
     plain = _session(volume, Dilated(), refine=None).add_point((34, 32, 8))
@@ -726,5 +747,9 @@ def test_refine_settings_round_trip_and_old_files_replay_without_it():
     del before_parts["refine"]["clicked_parts_only"]
     assert not SessionSettings.from_dict(before_parts).refine.clicked_parts_only
     assert SessionSettings.from_dict(SessionSettings().to_dict()).refine.clicked_parts_only
+    before_seeds = SessionSettings().to_dict()
+    del before_seeds["refine"]["walker_later_seed_mm"]
+    assert SessionSettings.from_dict(before_seeds).refine.walker_later_seed_mm == 4.5
+    assert SessionSettings.from_dict(SessionSettings().to_dict()).refine.walker_later_seed_mm == 3
     with pytest.raises(InputError, match="refine"):
         SessionSettings(refine={"beta": 1.0})

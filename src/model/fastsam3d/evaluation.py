@@ -35,7 +35,7 @@ from .clicks import PROTOCOLS, protocol_click
 from .data import find_cases, normalize_intensity, preprocess_case
 from .errors import InputError
 from .geometry import MODEL_SPACING, voxel_sizes
-from .refine import CLICK_SEED_MM, RefineSettings, block_coordinates, click_walker, refine_mask
+from .refine import RefineSettings, block_coordinates, click_walker, refine_mask
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class SamSegmenter:
             return None
         factor = self.walker_factor
         coarse = block_coordinates(points, factor)
-        radius = CLICK_SEED_MM / (factor * MODEL_SPACING)
+        radius = self.refine.walker_seed_radius_mm(len(points)) / (factor * MODEL_SPACING)
         prob = click_walker(self.walker_image, coarse, labels, radius=radius)
         if prob is None:
             return None

@@ -48,6 +48,11 @@ def looks_like_ct(volume_minimum: float) -> bool:
     return float(volume_minimum) < CT_AIR_BELOW
 
 
+CLICK_SEED_MM = 4.5
+"""Radius of the ball a click fixes in the click walker (the random-walker baseline's 3 voxels
+of 1.5 mm); :class:`RefineSettings` uses it for an object's first click."""
+
+
 @dataclass(frozen=True)
 class RefineSettings:
     """Parameters of :func:`refine_mask` (defaults: tuned on the held-out CT, docs/RESULTS.md).
@@ -74,6 +79,11 @@ class RefineSettings:
             existed).
         walker_step_mm: voxel side of the click walker's grid.
         walker_side: voxels per side of its cube (64 x 3 mm: the 192 mm of a 1.5 mm ROI).
+        walker_seed_mm: radius of the ball that an object's only click fixes in the click
+            walker.
+        walker_later_seed_mm: the same radius for every click of an object once it has two
+            or more: corrections land near edges, where a wider ball seeds both sides
+            (docs/RESULTS.md, session 23). 4.5 mm in prompt files written before it existed.
         clicked_parts_only: where the click walker ran, keep only the parts of the mask
             (26-connected components) that hold a positive click (:func:`clicked_parts`;
             applied to every mask, it cost a BraTS oedema Dice on MR). False in prompt files
@@ -92,6 +102,8 @@ class RefineSettings:
     click_walker: str = "ct"
     walker_step_mm: float = 3.0
     walker_side: int = 64
+    walker_seed_mm: float = CLICK_SEED_MM
+    walker_later_seed_mm: float = 3.0
     clicked_parts_only: bool = True
 
     def walks_clicks(self, volume_minimum: float) -> bool:
@@ -99,6 +111,10 @@ class RefineSettings:
         if self.click_walker == "ct":
             return looks_like_ct(volume_minimum)
         return self.click_walker == "on"
+
+    def walker_seed_radius_mm(self, clicks: int) -> float:
+        """The click walker's seed ball radius for an object with this many clicks."""
+        return self.walker_seed_mm if clicks <= 1 else self.walker_later_seed_mm
 
     def __post_init__(self) -> None:
         if not (self.beta >= 0 and self.prior_weight > 0 and 0 < self.band < 0.5):
@@ -110,6 +126,11 @@ class RefineSettings:
             raise InputError("max_voxels and iterations must be >= 1, margin_mm and seed_mm >= 0")
         if not self.max_spacing_mm > 0:
             raise InputError(f"max_spacing_mm must be positive, got {self.max_spacing_mm}")
+        if not (self.walker_seed_mm >= 0 and self.walker_later_seed_mm >= 0):
+            raise InputError(
+                "walker_seed_mm and walker_later_seed_mm must be >= 0, got "
+                f"{self.walker_seed_mm}, {self.walker_later_seed_mm}"
+            )
         if self.click_walker not in CLICK_WALKER_MODES:
             raise InputError(
                 f"click_walker must be one of {CLICK_WALKER_MODES}, got {self.click_walker!r}"
@@ -279,8 +300,6 @@ def _band_box(band: torch.Tensor, spacing: Sequence[float], margin_mm: float):
 
 CLICK_WALKER_BETA = 90.0
 """Edge sensitivity of the click walker (the random-walker baseline's)."""
-CLICK_SEED_MM = 4.5
-"""Radius of the ball each click fixes in the click walker (the baseline's 3 voxels of 1.5 mm)."""
 
 
 COARSEST_SIDE = 16

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import InputError
 from .field import Box, LogitField, Patch, empty_box
 from .geometry import MODEL_SPACING
-from .refine import RefineSettings
+from .refine import CLICK_SEED_MM, RefineSettings
 from .roi import REUSE_MARGIN, ROI_SIZE, STRIDE, Roi
 from .zoom import FINE_SPACING
 
@@ -116,14 +116,18 @@ class SessionSettings:
         values = {k: v for k, v in data.items() if k in names}
         if isinstance(values.get("intensity_clip"), list):
             values["intensity_clip"] = tuple(values["intensity_clip"])
-        # files written before the refinement (or its click walker, or its clicked parts)
-        # existed replay without it, as they were made
+        # files written before the refinement (or its click walker, its clicked parts, or
+        # its smaller seeds after an object's first click) existed replay as they were made
         refine = values.get("refine")
         if isinstance(refine, dict):
             known = {f.name for f in dataclasses.fields(RefineSettings)}
             made = {k: v for k, v in refine.items() if k in known}
-            refine = {"click_walker": "off", "clicked_parts_only": False, **made}
-            refine = RefineSettings(**refine)
+            before = {
+                "click_walker": "off",
+                "clicked_parts_only": False,
+                "walker_later_seed_mm": CLICK_SEED_MM,
+            }
+            refine = RefineSettings(**{**before, **made})
         values["refine"] = refine
         return cls(**values)
 

@@ -18,7 +18,7 @@ import torch
 
 from .field import Box
 from .geometry import MODEL_SPACING, Volume, apply_affine, translation
-from .refine import CLICK_SEED_MM, RefineSettings, block_mean, click_walker
+from .refine import RefineSettings, block_mean, click_walker
 from .sampling import nonzero_box, sample_box
 
 
@@ -99,7 +99,7 @@ def solve_walker_field(
         on_cube - start,
         positive.astype(int).tolist(),
         closed,
-        radius=CLICK_SEED_MM / (factor * spacing),
+        radius=settings.walker_seed_radius_mm(len(points)) / (factor * spacing),
     )
     if prob is None:
         return None
